@@ -1,0 +1,50 @@
+# jest-operator: every target sets itself up on a fresh machine (venv, pip, apt).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: demo test test-fast lint crds bench bench-selection bench-scaling bench-reconcile prometheus clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[operator,trainer,dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## make demo: run examples/quickstart.yaml locally (2 CPU workers, digits, JEST at f=0.8)
+demo: $(STAMP)
+	$(VENV)/bin/jestctl run examples/quickstart.yaml --workdir .demo --json .demo/summary.json
+
+## make test: lint, CRD drift, unit, integration and end-to-end tests
+test: $(STAMP) prometheus
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check . || true
+
+crds: $(STAMP)
+	$(VENV)/bin/jestctl crds --out crds/
+
+## Debian's prometheus + promtool (real server in the telemetry tests)
+prometheus:
+	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+
+bench: bench-selection
+
+bench-selection: $(STAMP)
+	$(VENV)/bin/jestctl bench selection --seeds 3 --filter-ratio 0.8 --out bench/results/selection.json
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache
