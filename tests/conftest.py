@@ -1,0 +1,62 @@
+"""Fixtures shared by every test folder: free ports, process clean-up and the repository root."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def find_free_port() -> int:
+    """Ask the OS for a free loopback TCP port (never hard-code ports in tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A free loopback port."""
+    return find_free_port()
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    """The checkout root (examples/, crds/, charts/ live here)."""
+    return REPO_ROOT
+
+
+@pytest.fixture
+def process_reaper() -> Iterator[list[subprocess.Popen]]:
+    """Collects processes a test starts and kills their whole process groups afterwards, even on failure.
+
+    Start children with ``start_new_session=True`` so the group kill also reaches grandchildren.
+    """
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+
+
+def require_tool(name: str) -> str:
+    """Path of a required external tool; fails (never skips) when it is missing, as CI must notice."""
+    import shutil
+
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"required tool {name!r} is not installed (make test installs it)")
+    return path
