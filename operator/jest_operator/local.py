@@ -1,0 +1,661 @@
+"""Run a worker pod of a ``JESTTrainingJob`` as a local process.
+
+``jestctl run`` and the test-only local kubelet both execute the pods that ``jest_operator.builders``
+produces, so there is exactly one description of a worker (command, environment, config) whether it
+runs on a cluster or on a laptop. This module translates a pod dict into a local command
+(``localize_pod``: cluster addresses become loopback, ports become free local ports, the ConfigMap
+becomes a file under the work directory) and supervises that command (``LocalPodProcess``: own
+process group, rank-prefixed logs, SIGTERM with a grace period then SIGKILL).
+
+It never imports torch: the operator image and ``jestctl`` start without it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+LOOPBACK = "127.0.0.1"
+CONFIG_FILE_NAME = "config.json"
+PROGRESS_FILE_NAME = "progress.json"
+CHECKPOINT_DIR_NAME = "checkpoints"
+TRAINER_CONTAINER_NAME = "trainer"
+
+# Variables of the parent shell that would confuse a worker about its place in a gang; the pod's own
+# environment is the only source of these for a localized worker.
+_INHERITED_VARIABLES_TO_DROP = re.compile(
+    r"^(WORLD_SIZE|RANK|LOCAL_RANK|LOCAL_WORLD_SIZE|GROUP_RANK|MASTER_ADDR|MASTER_PORT|PET_.*|JEST_.*|TPU_.*"
+    r"|TORCHELASTIC_.*|PJRT_DEVICE)$"
+)
+_ENV_REFERENCE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.\-]*)\)")
+
+
+class LocalizeError(ValueError):
+    """A pod cannot be run locally; ``field`` is the pod path at fault (e.g. ``spec.containers[0].env[2]``)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass
+class LocalCommand:
+    """What to execute for one pod: argv (console scripts resolved), the pod's environment, the cwd.
+
+    ``env`` holds only the pod's variables (after localization); ``LocalPodProcess`` lays them over the
+    parent environment minus any inherited distributed/JEST variables.
+    """
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+
+
+def trainer_container(pod: Mapping[str, Any]) -> tuple[int, Mapping[str, Any]]:
+    """(index, container) of the trainer container: the one named ``trainer``, else the first one."""
+    containers = pod.get("spec", {}).get("containers") or []
+    if not containers:
+        raise LocalizeError("spec.containers", "the pod has no containers")
+    for index, container in enumerate(containers):
+        if container.get("name") == TRAINER_CONTAINER_NAME:
+            return index, container
+    return 0, containers[0]
+
+
+def pod_rank(pod: Mapping[str, Any]) -> int:
+    """The node rank of a worker pod: its replica-index label, else ``PET_NODE_RANK``/``RANK``, else 0."""
+    labels = pod.get("metadata", {}).get("labels") or {}
+    index = labels.get("jest.training/replica-index")
+    if index is not None:
+        return int(index)
+    _, container = trainer_container(pod)
+    env = {item.get("name"): item.get("value") for item in container.get("env") or []}
+    for name in ("PET_NODE_RANK", "RANK"):
+        if env.get(name) is not None:
+            return int(env[name])
+    return 0
+
+
+def expand_references(value: str, env: Mapping[str, str]) -> str:
+    """Kubernetes ``$(VAR)`` expansion: known variables are substituted, unknown ones kept, ``$$`` is ``$``."""
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1)
+        return env.get(name, match.group(0))
+
+    return _ENV_REFERENCE.sub(replace, value)
+
+
+def _field_value(pod: Mapping[str, Any], field_path: str, where: str) -> str:
+    """Resolve a downward-API ``fieldRef`` the way the kubelet would, with loopback for pod addresses."""
+    metadata = pod.get("metadata", {})
+    simple = {
+        "metadata.name": metadata.get("name", ""),
+        "metadata.namespace": metadata.get("namespace", "default"),
+        "metadata.uid": metadata.get("uid", ""),
+        "spec.nodeName": "localhost",
+        "spec.serviceAccountName": pod.get("spec", {}).get("serviceAccountName", "default"),
+        "status.podIP": LOOPBACK,
+        "status.hostIP": LOOPBACK,
+    }
+    if field_path in simple:
+        return str(simple[field_path])
+    match = re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", field_path)
+    if match:
+        return str((metadata.get(match.group(1)) or {}).get(match.group(2), ""))
+    raise LocalizeError(where, f"fieldRef {field_path!r} is not supported locally")
+
+
+def _resolve_env(pod: Mapping[str, Any], container_index: int, container: Mapping[str, Any],
+                 config_map: Mapping[str, Any] | None) -> dict[str, str]:
+    """The container's environment as the kubelet would build it (in order, with ``$(VAR)`` expansion)."""
+    env: dict[str, str] = {}
+    base = f"spec.containers[{container_index}]"
+    if container.get("envFrom"):
+        raise LocalizeError(f"{base}.envFrom", "envFrom is not supported locally")
+    for position, item in enumerate(container.get("env") or []):
+        where = f"{base}.env[{position}]"
+        name = item.get("name")
+        if not name:
+            raise LocalizeError(f"{where}.name", "an environment variable needs a name")
+        if "valueFrom" in item:
+            source = item["valueFrom"] or {}
+            if "fieldRef" in source:
+                env[name] = _field_value(pod, source["fieldRef"].get("fieldPath", ""), f"{where}.valueFrom.fieldRef")
+            elif "configMapKeyRef" in source and config_map is not None:
+                key = source["configMapKeyRef"].get("key", "")
+                data = config_map.get("data") or {}
+                if key not in data:
+                    raise LocalizeError(f"{where}.valueFrom.configMapKeyRef", f"key {key!r} is not in the ConfigMap")
+                env[name] = str(data[key])
+            else:
+                kind = next(iter(source), "valueFrom")
+                raise LocalizeError(f"{where}.valueFrom.{kind}", "this value source is not supported locally")
+        else:
+            env[name] = expand_references(str(item.get("value", "")), env)
+    return env
+
+
+def resolve_executable(name: str, search_path: str | None = None) -> str:
+    """Absolute path of a console script, preferring the running interpreter's environment (the venv).
+
+    ``python``/``python3`` map to ``sys.executable``; names with a slash are returned unchanged.
+    """
+    if "/" in name:
+        return name
+    if name in {"python", "python3"}:
+        return sys.executable
+    venv_candidate = Path(sys.executable).parent / name
+    if venv_candidate.is_file() and os.access(venv_candidate, os.X_OK):
+        return str(venv_candidate)
+    found = shutil.which(name, path=search_path)
+    if found is None:
+        raise LocalizeError("spec.containers[].command", f"executable {name!r} not found in this environment")
+    return found
+
+
+def write_local_config(config_map: Mapping[str, Any], workdir: Path) -> Path:
+    """Write the ConfigMap's ``config.json`` under ``workdir`` with the checkpoint dir moved there too.
+
+    The file is written atomically (temp + rename) because several pods of one job write the same file.
+    """
+    data = config_map.get("data") or {}
+    if CONFIG_FILE_NAME not in data:
+        raise LocalizeError(f"data.{CONFIG_FILE_NAME}", "the ConfigMap has no worker config")
+    try:
+        document = json.loads(data[CONFIG_FILE_NAME])
+    except json.JSONDecodeError as error:
+        raise LocalizeError(f"data.{CONFIG_FILE_NAME}", f"not valid JSON: {error}") from error
+    training = document.setdefault("training", {})
+    training.setdefault("checkpoint", {})["dir"] = str(workdir / CHECKPOINT_DIR_NAME)
+    workdir.mkdir(parents=True, exist_ok=True)
+    target = workdir / CONFIG_FILE_NAME
+    temporary = workdir / f".{CONFIG_FILE_NAME}.{os.getpid()}.{threading.get_ident()}.tmp"
+    temporary.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    os.replace(temporary, target)
+    return target
+
+
+def localize_pod(pod: dict, *, config_map: dict | None, workdir: Path, master_port: int,
+                 metrics_port: int | None) -> LocalCommand:
+    """Translate a worker pod of our builders into a command that runs on this machine.
+
+    - ``MASTER_ADDR``/``PET_MASTER_ADDR`` become 127.0.0.1 and ``MASTER_PORT``/``PET_MASTER_PORT``
+      become ``master_port`` (one free port shared by the whole gang);
+    - with a ``config_map``, its ``config.json`` is written to ``workdir/config.json`` with
+      ``training.checkpoint.dir`` = ``workdir/checkpoints`` and ``JEST_CONFIG`` points there (also
+      any argv element equal to the pod's original ``JEST_CONFIG``); without one the pod's
+      ``JEST_CONFIG`` is kept as is;
+    - ``JEST_STATUS_FILE`` is ``workdir/progress.json``; ``JEST_METRICS_PORT`` is ``metrics_port``
+      (removed when None, so the worker serves no metrics);
+    - argv is the container's command + args, ``$(VAR)``-expanded, with its executable resolved from
+      this interpreter's environment (``jest-trainer``, ``torchrun``).
+
+    Pure apart from writing ``config.json``; raises ``LocalizeError`` naming the unsupported pod field.
+    """
+    container_index, container = trainer_container(pod)
+    env = _resolve_env(pod, container_index, container, config_map)
+    original_config_path = env.get("JEST_CONFIG")
+    for name in ("MASTER_ADDR", "PET_MASTER_ADDR"):
+        if name in env:
+            env[name] = LOOPBACK
+    for name in ("MASTER_PORT", "PET_MASTER_PORT"):
+        if name in env:
+            env[name] = str(master_port)
+    if config_map is not None:
+        env["JEST_CONFIG"] = str(write_local_config(config_map, workdir))
+    env["JEST_STATUS_FILE"] = str(workdir / PROGRESS_FILE_NAME)
+    if metrics_port is None:
+        env.pop("JEST_METRICS_PORT", None)
+    else:
+        env["JEST_METRICS_PORT"] = str(metrics_port)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+
+    raw_argv = [*(container.get("command") or []), *(container.get("args") or [])]
+    if not raw_argv:
+        raise LocalizeError(f"spec.containers[{container_index}].command",
+                            "the container has no command (an image entrypoint cannot be run locally)")
+    argv = [expand_references(str(part), env) for part in raw_argv]
+    if original_config_path and config_map is not None:
+        argv = [env["JEST_CONFIG"] if part == original_config_path else part for part in argv]
+    argv[0] = resolve_executable(argv[0])
+    return LocalCommand(argv=argv, env=env, cwd=workdir)
+
+
+def local_environment(pod_env: Mapping[str, str], base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The full environment of a localized worker: ``base`` (default ``os.environ``) without inherited
+    gang variables, the interpreter's bin directory first on PATH, then the pod's variables."""
+    source = os.environ if base is None else base
+    env = {key: value for key, value in source.items() if not _INHERITED_VARIABLES_TO_DROP.match(key)}
+    bin_dir = str(Path(sys.executable).parent)
+    path_entries = env.get("PATH", "").split(os.pathsep) if env.get("PATH") else []
+    env["PATH"] = os.pathsep.join([bin_dir, *[entry for entry in path_entries if entry != bin_dir]])
+    env.update(pod_env)
+    return env
+
+
+LineSink = Callable[[str], None]
+
+
+def _stderr_sink(line: str) -> None:
+    """Default log sink: the parent's stderr (flushed, so interleaving stays line-atomic)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+@dataclass
+class LocalPodProcess:
+    """One localized pod as a supervised child process.
+
+    The child runs in its own session (process group), so a terminal Ctrl-C reaches only ``jestctl``,
+    which decides what to forward, and so signals reach grandchildren (torchrun's workers). Every
+    stdout/stderr line is passed to ``sink`` prefixed ``[<label>]`` (default ``[rank r]``) and, when
+    ``log_path`` is set, appended unprefixed to that file (the local kubelet's ``kubectl logs``). The
+    last ``tail_lines`` stderr lines are kept for failure messages.
+    """
+
+    command: LocalCommand
+    rank: int = 0
+    label: str | None = None
+    sink: LineSink = _stderr_sink
+    log_path: Path | None = None
+    base_env: Mapping[str, str] | None = None
+    tail_lines: int = 20
+    _process: subprocess.Popen[str] | None = field(default=None, init=False, repr=False)
+    _readers: list[threading.Thread] = field(default_factory=list, init=False, repr=False)
+    _stderr_tail: collections.deque[str] = field(init=False, repr=False)
+    _log_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _log_file: IO[str] | None = field(default=None, init=False, repr=False)
+    _finished: bool = field(default=False, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._stderr_tail = collections.deque(maxlen=self.tail_lines)
+
+    @property
+    def prefix(self) -> str:
+        """The log prefix, e.g. ``[rank 1]``."""
+        return f"[{self.label if self.label is not None else f'rank {self.rank}'}]"
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the child (also its process-group id), None before ``start``."""
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit status once known (negative: killed by that signal), else None."""
+        return self._process.returncode if self._process is not None else None
+
+    def start(self) -> None:
+        """Start the child in its own session with the localized environment; idempotent errors raise."""
+        if self._process is not None:
+            raise RuntimeError(f"{self.prefix} already started")
+        self.command.cwd.mkdir(parents=True, exist_ok=True)
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log_file = self.log_path.open("a", encoding="utf-8")
+        self._process = subprocess.Popen(
+            self.command.argv,
+            cwd=self.command.cwd,
+            env=local_environment(self.command.env, self.base_env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            bufsize=1,
+            start_new_session=True,
+        )
+        for stream, is_stderr in ((self._process.stdout, False), (self._process.stderr, True)):
+            reader = threading.Thread(target=self._pump, args=(stream, is_stderr), daemon=True,
+                                      name=f"logs{self.prefix}")
+            reader.start()
+            self._readers.append(reader)
+
+    def _pump(self, stream: IO[str], is_stderr: bool) -> None:
+        """Forward one output stream line by line until the child closes it."""
+        for raw_line in stream:
+            line = raw_line.rstrip("\n")
+            if is_stderr:
+                self._stderr_tail.append(line)
+            with self._log_lock:
+                if self._log_file is not None:
+                    self._log_file.write(raw_line if raw_line.endswith("\n") else raw_line + "\n")
+                    self._log_file.flush()
+            with contextlib.suppress(Exception):
+                self.sink(f"{self.prefix} {line}")
+        stream.close()
+
+    def poll(self) -> int | None:
+        """The exit status if the child has exited (log readers drained), else None."""
+        if self._process is None:
+            return None
+        code = self._process.poll()
+        if code is not None:
+            self._finish()
+        return code
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait up to ``timeout`` seconds for the child; its exit status, or None if still running."""
+        if self._process is None:
+            return None
+        try:
+            code = self._process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        self._finish()
+        return code
+
+    def _finish(self) -> None:
+        """Drain the log readers and close the log file once the child is gone (idempotent).
+
+        A reader is given a few seconds: an orphaned grandchild may hold the pipe open forever.
+        """
+        if self._finished:
+            return
+        self._finished = True
+        for reader in self._readers:
+            reader.join(timeout=5)
+        with self._log_lock:
+            if self._log_file is not None:
+                self._log_file.close()
+                self._log_file = None
+
+    def send_signal(self, signum: int) -> None:
+        """Send ``signum`` to the child's whole process group (no-op once it has been reaped)."""
+        if self._process is None or self._process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._process.pid, signum)
+
+    def terminate(self, grace_seconds: float = 30.0) -> int | None:
+        """SIGTERM the group (the trainer checkpoints and exits 0), SIGKILL after ``grace_seconds``."""
+        self.send_signal(signal.SIGTERM)
+        code = self.wait(timeout=grace_seconds)
+        if code is None:
+            self.kill()
+            code = self.wait(timeout=10)
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group, including orphans left by an exited leader."""
+        if self._process is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._process.wait(timeout=10)
+        self._finish()
+
+    def stderr_tail(self, lines: int | None = None) -> list[str]:
+        """The last ``lines`` (default all kept) stderr lines, for a failure message."""
+        kept = list(self._stderr_tail)
+        return kept if lines is None else kept[-lines:]
+
+
+def terminate_all(processes: Iterable[LocalPodProcess], grace_seconds: float) -> dict[int, int | None]:
+    """SIGTERM every process at once, wait one shared grace period, SIGKILL the rest; rank -> exit code."""
+    processes = list(processes)
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    codes: dict[int, int | None] = {}
+    for process in processes:
+        code = process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        if code is None:
+            process.kill()
+            code = process.returncode
+        codes[process.rank] = code
+    return codes
+
+
+def read_progress(path: Path) -> dict[str, Any] | None:
+    """The trainer's progress file (contract C2), or None while it is missing or mid-replace."""
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def find_free_port() -> int:
+    """A free loopback TCP port for the gang's rendezvous (asked of the OS, never hard-coded)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def describe_exit(code: int | None) -> str:
+    """Human form of an exit status: ``exit code 3`` or ``signal SIGKILL``."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+@dataclass(frozen=True)
+class WorkerFailure:
+    """Why a gang attempt failed: the worker blamed, its exit, its last stderr lines, other failed ranks."""
+
+    rank: int
+    exit_code: int | None
+    stderr_tail: tuple[str, ...]
+    other_failed: tuple[tuple[int, int | None], ...] = ()
+
+    def message(self, max_lines: int = 8) -> str:
+        """One message naming the worker, how it ended and its last stderr lines."""
+        text = f"worker rank {self.rank} failed with {describe_exit(self.exit_code)}"
+        if self.other_failed:
+            others = ", ".join(f"rank {rank}: {describe_exit(code)}" for rank, code in self.other_failed)
+            text += f" (also {others})"
+        lines = [line for line in self.stderr_tail if line.strip()][-max_lines:]
+        if lines:
+            text += ":\n" + "\n".join(lines)
+        return text
+
+
+def blame(failed: Mapping[int, tuple[int | None, tuple[str, ...]]]) -> WorkerFailure:
+    """Pick the root cause among workers that ended badly in the same poll.
+
+    A worker killed by a signal (OOM killer, ``kill -9``) is the likely cause and its peers' collective
+    errors the consequence; otherwise a worker with an error message beats a silent one; ties go to the
+    lowest rank. Pure, so the choice is unit-tested.
+    """
+
+    def key(rank: int) -> tuple[int, int, int]:
+        code, tail = failed[rank]
+        return (0 if code is not None and code < 0 else 1, 0 if any(line.strip() for line in tail) else 1, rank)
+
+    chosen = min(failed, key=key)
+    code, tail = failed[chosen]
+    others = tuple(sorted((rank, failed[rank][0]) for rank in failed if rank != chosen))
+    return WorkerFailure(rank=chosen, exit_code=code, stderr_tail=tuple(tail), other_failed=others)
+
+
+@dataclass
+class GangResult:
+    """Outcome of a local gang run; ``progress`` is the last progress file read (rank 0, C2)."""
+
+    phase: str  # Succeeded | Failed | Suspended
+    restarts: int
+    attempts: int
+    message: str
+    wall_seconds: float
+    progress: dict[str, Any] | None
+    failure: WorkerFailure | None = None
+    interrupted_by: int | None = None
+    resume_seconds: list[float] = field(default_factory=list)
+
+
+@dataclass
+class GangRunner:
+    """Runs the pods of one job as a local gang with the operator's gang semantics.
+
+    Every attempt asks ``build_children(job, attempt=...)`` for the ConfigMap and Pods (the operator's
+    builders: one source of truth), localizes every pod before starting any, then supervises them: if
+    any worker ends badly all are stopped and the gang is recreated with attempt+1 (JEST_ATTEMPT) on a
+    fresh rendezvous port, resuming from the newest checkpoint, until ``backoff_limit`` restarts are
+    spent. ``stop`` (set by jestctl's signal handler) forwards SIGTERM to every worker; they checkpoint
+    and exit, and the run ends Suspended. ``active_deadline_seconds`` fails the run like the operator.
+    """
+
+    job: Any
+    build_children: Callable[..., list[dict]]
+    workdir: Path
+    backoff_limit: int
+    metrics_port: int | None = None
+    procs_per_pod: int = 1
+    sink: LineSink = _stderr_sink
+    on_progress: Callable[[dict[str, Any] | None, int], None] | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+    stop_signal: list[int] = field(default_factory=list)
+    grace_seconds: float = 60.0
+    failure_grace_seconds: float = 10.0
+    poll_seconds: float = 0.25
+    active_deadline_seconds: float | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+    first_attempt: int = 0
+
+    @property
+    def progress_path(self) -> Path:
+        """Where rank 0 writes progress (``JEST_STATUS_FILE``)."""
+        return self.workdir / PROGRESS_FILE_NAME
+
+    def _localize_attempt(self, attempt: int) -> list[LocalPodProcess]:
+        """Build and localize every pod of one attempt (raises before any process starts)."""
+        children = self.build_children(self.job, attempt=attempt)
+        config_map = next((child for child in children if child.get("kind") == "ConfigMap"), None)
+        pods = sorted((child for child in children if child.get("kind") == "Pod"), key=pod_rank)
+        if not pods:
+            raise LocalizeError("spec", "the builders produced no pods")
+        master_port = find_free_port()
+        processes = []
+        for pod in pods:
+            rank = pod_rank(pod)
+            port = None if self.metrics_port is None else self.metrics_port + rank * self.procs_per_pod
+            command = localize_pod(pod, config_map=config_map, workdir=self.workdir, master_port=master_port,
+                                   metrics_port=port)
+            command.env.update(self.extra_env)
+            log_path = self.workdir / "logs" / f"attempt-{attempt}" / f"rank-{rank}.log"
+            processes.append(LocalPodProcess(command, rank=rank, sink=self.sink, log_path=log_path))
+        return processes
+
+    def _read_attempt_progress(self, attempt: int) -> dict[str, Any] | None:
+        """The progress file if it belongs to this attempt (a stale one from before is ignored)."""
+        progress = read_progress(self.progress_path)
+        if progress is None or progress.get("attempt", attempt) != attempt:
+            return None
+        return progress
+
+    def run(self) -> GangResult:
+        """Run attempts until success, interruption, deadline or the backoff limit; never raises for
+        worker failures (they are the result), only for pods that cannot be localized."""
+        started = time.monotonic()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.progress_path.unlink()
+        restarts = 0
+        attempt = self.first_attempt
+        last_progress: dict[str, Any] | None = None
+        resume_seconds: list[float] = []
+        failure_time: float | None = None
+
+        def result(phase: str, message: str, failure: WorkerFailure | None = None) -> GangResult:
+            return GangResult(phase=phase, restarts=restarts, attempts=attempt - self.first_attempt + 1,
+                              message=message, wall_seconds=time.monotonic() - started, progress=last_progress,
+                              failure=failure, interrupted_by=self.stop_signal[-1] if self.stop_signal else None,
+                              resume_seconds=resume_seconds)
+
+        while True:
+            processes = self._localize_attempt(attempt)
+            if self.stop.is_set():
+                return result("Suspended", "interrupted before the workers started")
+            for process in processes:
+                process.start()
+            attempt_progress_seen = False
+            outcome: str | None = None
+            failure: WorkerFailure | None = None
+            try:
+                while outcome is None:
+                    time.sleep(self.poll_seconds)
+                    progress = self._read_attempt_progress(attempt)
+                    if progress is not None:
+                        last_progress = progress
+                        if failure_time is not None and not attempt_progress_seen:
+                            resume_seconds.append(time.monotonic() - failure_time)
+                            failure_time = None
+                        attempt_progress_seen = True
+                    if self.on_progress is not None:
+                        self.on_progress(progress, attempt)
+                    if self.stop.is_set():
+                        terminate_all(processes, self.grace_seconds)
+                        outcome = "interrupted"
+                        break
+                    codes = {process.rank: process.poll() for process in processes}
+                    failed = {
+                        process.rank: (codes[process.rank], tuple(process.stderr_tail()))
+                        for process in processes
+                        if codes[process.rank] not in (None, 0)
+                    }
+                    if failed:
+                        failure = blame(failed)
+                        failure_time = time.monotonic()
+                        terminate_all(processes, self.failure_grace_seconds)
+                        outcome = "failed"
+                    elif all(code == 0 for code in codes.values()):
+                        outcome = "succeeded"
+                    elif (self.active_deadline_seconds is not None
+                          and time.monotonic() - started > self.active_deadline_seconds):
+                        terminate_all(processes, self.grace_seconds)
+                        outcome = "deadline"
+            finally:
+                for process in processes:
+                    if process.poll() is None:
+                        process.kill()
+            final_progress = self._read_attempt_progress(attempt)
+            if final_progress is not None:
+                last_progress = final_progress
+            if self.on_progress is not None:
+                self.on_progress(last_progress, attempt)
+            if outcome == "succeeded":
+                return result("Succeeded", f"all {len(processes)} workers succeeded")
+            if outcome == "interrupted":
+                step = (last_progress or {}).get("checkpoint") or {}
+                where = f"checkpoint at step {step.get('step')}" if step else "no checkpoint yet"
+                return result("Suspended", f"interrupted; workers stopped ({where}); run again to resume")
+            if outcome == "deadline":
+                return result("Failed", f"DeadlineExceeded: the job ran longer than activeDeadlineSeconds "
+                                        f"({self.active_deadline_seconds:g})")
+            assert failure is not None
+            if restarts >= self.backoff_limit:
+                return result("Failed", f"BackoffLimitExceeded: {restarts} gang restarts "
+                                        f"(backoffLimit {self.backoff_limit}); last error: {failure.message()}",
+                              failure)
+            restarts += 1
+            attempt += 1
+            self.sink(f"[jestctl] {failure.message(max_lines=3)}")
+            self.sink(f"[jestctl] restarting the gang (restart {restarts} of at most {self.backoff_limit}, "
+                      f"attempt {attempt})")
