@@ -1,0 +1,272 @@
+"""Energy meters: NVML against a faithful fake pynvml, RAPL against a fake sysfs tree, modelled for real."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from jest_trainer import energy
+from jest_trainer.config import EnergyConfig
+from jest_trainer.energy import (
+    EnergyBackendUnavailableError,
+    ModelledChannel,
+    NvmlEnergyChannel,
+    NvmlPowerChannel,
+    RaplChannel,
+    create_meter,
+)
+
+from tests.fakes.pynvml import FakeGpu, build_fake_pynvml
+from tests.fakes.sysfs import FakeRaplZone, build_powercap_tree, set_energy_uj
+
+
+def drive(meter: energy.EnergyMeter, now: float) -> None:
+    """Take one reading on every channel at synthetic time ``now`` (what a sampler thread does)."""
+    for channel in meter.channels:
+        channel.advance(now)
+
+
+# --- NVML ---------------------------------------------------------------------------------------------
+
+
+def test_nvml_energy_counter_is_measured_in_joules_per_device() -> None:
+    gpus = [FakeGpu(energy_mj=5_000_000), FakeGpu(energy_mj=9_000_000)]
+    nvml = build_fake_pynvml(gpus)
+    meter = create_meter(EnergyConfig(), device_kind="cuda", device_indices=[0, 1], nvml=nvml)
+
+    assert (meter.method, meter.source) == ("measured", "nvml")
+    assert all(isinstance(channel, NvmlEnergyChannel) for channel in meter.channels)
+    drive(meter, 100.0)  # baseline: energy since driver load must not count
+    gpus[0].energy_mj += 250_000  # 250 J in 1 s
+    gpus[1].energy_mj += 125_500
+    drive(meter, 101.0)
+
+    samples = {sample.device: sample for sample in meter.samples()}
+    assert samples["cuda:0"].joules == pytest.approx(250.0)
+    assert samples["cuda:0"].watts == pytest.approx(250.0)
+    assert samples["cuda:1"].joules == pytest.approx(125.5)
+    assert {(s.method, s.source) for s in samples.values()} == {("measured", "nvml")}
+    assert meter.total_joules() == pytest.approx(375.5)
+
+
+def test_nvml_counter_not_supported_falls_back_to_integrated_power() -> None:
+    gpus = [FakeGpu(power_mw=200_000, supports_energy_counter=False)]
+    nvml = build_fake_pynvml(gpus)
+    meter = create_meter(EnergyConfig(), device_kind="cuda", device_indices=[0], nvml=nvml)
+
+    assert isinstance(meter.channels[0], NvmlPowerChannel)
+    assert (meter.method, meter.source) == ("integrated", "nvml")
+    drive(meter, 0.0)
+    drive(meter, 2.0)  # 200 W flat for 2 s
+    gpus[0].power_mw = 300_000
+    drive(meter, 3.0)  # ramp 200 -> 300 W over 1 s: trapezoid gives 250 J
+    (sample,) = meter.samples()
+    assert sample.joules == pytest.approx(400.0 + 250.0)
+    assert sample.watts == pytest.approx(300.0)
+    assert sample.method == "integrated"
+
+
+def test_mixed_boards_report_the_weakest_method() -> None:
+    nvml = build_fake_pynvml([FakeGpu(), FakeGpu(supports_energy_counter=False)])
+    meter = create_meter(EnergyConfig(), device_kind="cuda", device_indices=[0, 1], nvml=nvml)
+    assert [channel.method for channel in meter.channels] == ["measured", "integrated"]
+    assert meter.method == "integrated"
+
+
+def test_nvml_driver_reload_counter_reset_is_counted_not_negative() -> None:
+    gpus = [FakeGpu(energy_mj=10_000_000)]
+    meter = create_meter(EnergyConfig(), device_kind="cuda", device_indices=[0], nvml=build_fake_pynvml(gpus))
+    drive(meter, 0.0)
+    gpus[0].energy_mj = 3_000  # counter restarted from zero, then 3 J
+    drive(meter, 1.0)
+    assert meter.total_joules() == pytest.approx(3.0)
+    assert meter.errors_total() == 1
+
+
+def test_nvml_without_driver_auto_falls_back_to_modelled() -> None:
+    nvml = build_fake_pynvml([FakeGpu()], library_present=False)
+    meter = create_meter(EnergyConfig(), device_kind="cuda", device_indices=[0], nvml=nvml)
+    assert (meter.method, meter.source) == ("modelled", "config:modelledWattsPerDevice")
+    assert [sample.device for sample in meter.samples()] == ["cuda:0"]
+
+
+def test_forced_nvml_without_driver_names_the_field() -> None:
+    nvml = build_fake_pynvml([FakeGpu()], library_present=False)
+    with pytest.raises(EnergyBackendUnavailableError, match=r"energy\.backend.*nvml.*Library Not Found"):
+        create_meter(EnergyConfig(backend="nvml"), device_kind="cuda", device_indices=[0], nvml=nvml)
+    with pytest.raises(EnergyBackendUnavailableError, match=r"energy\.backend: 'nvml' needs CUDA"):
+        create_meter(EnergyConfig(backend="nvml"), device_kind="cpu", device_indices=[0], nvml=nvml)
+
+
+def test_nvml_unexpected_error_is_not_swallowed() -> None:
+    nvml = build_fake_pynvml([FakeGpu()])
+    with pytest.raises(nvml.NVMLError_InvalidArgument):
+        create_meter(EnergyConfig(), device_kind="cuda", device_indices=[3], nvml=nvml)
+
+
+def test_nvml_meter_samples_in_threads_and_shuts_nvml_down() -> None:
+    gpus = [FakeGpu(energy_mj=0)]
+    nvml = build_fake_pynvml(gpus)
+    meter = create_meter(EnergyConfig(), device_kind="cuda", device_indices=[0], nvml=nvml, interval_seconds=0.01)
+    meter.start()
+    gpus[0].energy_mj = 42_000
+    deadline = time.monotonic() + 5.0
+    while meter.total_joules() < 42.0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    meter.stop()
+    assert meter.total_joules() == pytest.approx(42.0)
+    assert nvml.calls["nvmlDeviceGetTotalEnergyConsumption"] >= 3
+    assert not nvml.is_initialised()
+    assert meter.sampling_seconds_total() > 0.0
+
+
+def test_tpu_is_always_modelled_even_where_nvml_exists() -> None:
+    meter = create_meter(
+        EnergyConfig(modelledWattsPerDevice=170), device_kind="xla", device_indices=[0, 1, 2, 3],
+        nvml=build_fake_pynvml([FakeGpu()]),
+    )
+    assert meter.method == "modelled"
+    assert [sample.device for sample in meter.samples()] == ["tpu:0", "tpu:1", "tpu:2", "tpu:3"]
+
+
+# --- RAPL ---------------------------------------------------------------------------------------------
+
+
+def test_rapl_packages_are_measured_and_subzones_ignored(tmp_path: Path) -> None:
+    root = build_powercap_tree(tmp_path / "powercap", [FakeRaplZone(0, 1_000_000), FakeRaplZone(1, 0)])
+    meter = create_meter(EnergyConfig(), device_kind="cpu", device_indices=[0], powercap_root=root)
+
+    assert (meter.method, meter.source) == ("measured", "rapl")
+    assert all(isinstance(channel, RaplChannel) for channel in meter.channels)
+    assert [sample.device for sample in meter.samples()] == ["rapl:package-0", "rapl:package-1"]
+    drive(meter, 10.0)
+    set_energy_uj(root, 0, 1_000_000 + 65_000_000)  # 65 J in 0.5 s
+    set_energy_uj(root, 1, 20_000_000)
+    drive(meter, 10.5)
+    samples = {sample.device: sample for sample in meter.samples()}
+    assert samples["rapl:package-0"].joules == pytest.approx(65.0)
+    assert samples["rapl:package-0"].watts == pytest.approx(130.0)
+    assert meter.total_joules() == pytest.approx(85.0)
+
+
+def test_rapl_wraparound_at_max_energy_range(tmp_path: Path) -> None:
+    max_range = 262_143_328_850
+    root = build_powercap_tree(tmp_path, [FakeRaplZone(0, max_range - 1_000_000, max_energy_range_uj=max_range)])
+    meter = create_meter(EnergyConfig(backend="rapl"), device_kind="cpu", device_indices=[0], powercap_root=root)
+    drive(meter, 0.0)
+    set_energy_uj(root, 0, 2_000_000)  # wrapped: 1 J before the wrap + 2 J after
+    drive(meter, 1.0)
+    assert meter.total_joules() == pytest.approx(3.0)
+    set_energy_uj(root, 0, 7_000_000)
+    drive(meter, 2.0)
+    assert meter.total_joules() == pytest.approx(8.0)
+    assert meter.errors_total() == 0
+
+
+def test_forced_rapl_without_zones_names_the_field(tmp_path: Path) -> None:
+    with pytest.raises(EnergyBackendUnavailableError, match=r"energy\.backend: 'rapl' is unavailable"):
+        create_meter(EnergyConfig(backend="rapl"), device_kind="cpu", device_indices=[0], powercap_root=tmp_path)
+
+
+def test_unreadable_rapl_counter_is_skipped(tmp_path: Path) -> None:
+    root = build_powercap_tree(tmp_path, [FakeRaplZone(0)])
+    (root / "intel-rapl:0" / "energy_uj").write_text("not-a-number\n")
+    assert energy.rapl_zones(root) == []
+
+
+# --- auto choice on this machine (no NVML, no RAPL) ------------------------------------------------------
+
+
+def test_auto_on_this_machine_chooses_modelled() -> None:
+    assert energy.rapl_zones() == [], "this test documents the CI machine, which has no RAPL"
+    for kind in ("cpu", "cuda"):
+        meter = create_meter(EnergyConfig(), device_kind=kind, device_indices=[0])
+        assert (meter.method, meter.source) == ("modelled", "config:modelledWattsPerDevice")
+
+
+def test_forced_modelled_ignores_available_counters(tmp_path: Path) -> None:
+    root = build_powercap_tree(tmp_path, [FakeRaplZone(0)])
+    meter = create_meter(
+        EnergyConfig(backend="modelled"), device_kind="cpu", device_indices=[0], powercap_root=root
+    )
+    assert meter.method == "modelled"
+
+
+def test_unknown_device_kind_is_rejected() -> None:
+    with pytest.raises(ValueError, match="device_kind"):
+        create_meter(EnergyConfig(), device_kind="mps", device_indices=[0])
+
+
+# --- modelled, for real -------------------------------------------------------------------------------
+
+
+def test_modelled_meter_integrates_configured_watts_over_real_time() -> None:
+    meter = create_meter(
+        EnergyConfig(modelledWattsPerDevice=100), device_kind="cpu", device_indices=[0, 1], interval_seconds=0.02
+    )
+    started = time.monotonic()
+    meter.start()
+    time.sleep(0.3)
+    meter.stop()
+    elapsed = time.monotonic() - started
+    assert not meter.running
+    # two devices x 100 W x the sampled window (start..stop, inside [0, elapsed])
+    assert 0.8 * 200 * 0.3 <= meter.total_joules() <= 200 * elapsed + 1e-9
+    assert {sample.watts for sample in meter.samples()} == {100.0}
+    assert meter.sampling_seconds_total() > 0.0
+
+
+def test_modelled_power_scales_with_clamped_utilisation() -> None:
+    utilisation = iter([0.5, 0.5, 2.0, 2.0])
+    channel = ModelledChannel("cpu:0", 300.0, lambda: next(utilisation))
+    channel.advance(0.0)
+    channel.advance(1.0)
+    assert channel.sample().joules == pytest.approx(150.0)
+    channel.advance(2.0)  # utilisation 2.0 clamps to 1: ramp 150 -> 300 W
+    channel.advance(3.0)
+    assert channel.sample().joules == pytest.approx(150.0 + 225.0 + 300.0)
+    assert channel.sample().watts == pytest.approx(300.0)
+
+
+def test_failing_utilisation_is_counted_and_totals_kept() -> None:
+    values = [1.0, 1.0]
+
+    def utilisation() -> float:
+        if not values:
+            raise RuntimeError("probe gone")
+        return values.pop()
+
+    channel = ModelledChannel("cpu:0", 10.0, utilisation)
+    channel.advance(0.0)
+    channel.advance(1.0)
+    channel.advance(2.0)
+    assert channel.sample().joules == pytest.approx(10.0)
+    assert channel.errors == 1
+
+
+def test_initial_joules_count_in_the_total_but_not_per_device() -> None:
+    meter = create_meter(EnergyConfig(), device_kind="cpu", device_indices=[0], initial_joules=1234.5)
+    assert meter.total_joules() == pytest.approx(1234.5)
+    drive(meter, 0.0)
+    drive(meter, 1.0)
+    assert meter.total_joules() == pytest.approx(1234.5 + 300.0)
+    assert meter.samples()[0].joules == pytest.approx(300.0)
+    with pytest.raises(ValueError, match="initial_joules"):
+        create_meter(EnergyConfig(), device_kind="cpu", device_indices=[0], initial_joules=-1)
+
+
+def test_budget_is_carried_for_the_metrics() -> None:
+    meter = create_meter(EnergyConfig(budgetJoules=5e6), device_kind="cpu", device_indices=[0])
+    assert meter.budget_joules == 5e6
+    assert create_meter(EnergyConfig(), device_kind="cpu", device_indices=[0]).budget_joules is None
+
+
+def test_stop_is_prompt_even_with_a_long_interval() -> None:
+    meter = create_meter(EnergyConfig(), device_kind="cpu", device_indices=[0], interval_seconds=30.0)
+    meter.start()
+    assert meter.running
+    started = time.monotonic()
+    meter.stop()
+    assert time.monotonic() - started < 5.0  # Event.wait wakes at once; a sleep() loop would block 30 s
+    assert not meter.running

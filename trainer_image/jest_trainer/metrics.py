@@ -1,0 +1,320 @@
+"""Prometheus exposition of one trainer process: throughput, selection, loss and energy (DESIGN.md §5).
+
+Each worker serves its own ``/metrics`` (one scrape target per rank; the PodMonitor scrapes port
+``metrics``), from a private :class:`~prometheus_client.CollectorRegistry` so that tests and several
+trainers in one interpreter never collide. Every series carries ``trainingjob`` and ``rank`` (never a
+label named ``job``: that belongs to the scraper). Each rank counts only its own examples, candidates and
+FLOPs, so ``sum`` over ranks is the job figure; steps are per rank (aggregate with ``max``).
+
+Counters continue across restarts: the trainer stores :meth:`TrainerMetrics.counter_state` in its
+checkpoint and calls :meth:`TrainerMetrics.restore` before the first step after a resume. The step-time
+histogram starts afresh (``rate``/``histogram_quantile`` cope with a reset). Energy is read from an
+:class:`~jest_trainer.energy.EnergyMeter` at scrape time, never pushed from the training loop.
+
+Energy series: ``jest_accelerator_energy_joules_total`` / ``jest_accelerator_power_watts`` per device
+(since sampler start, labels ``device``, ``source``, ``method``), ``jest_energy_backend_info``,
+``jest_energy_consumed_joules_total`` (this rank's energy *including* what was restored from a checkpoint,
+which is what the budget alert compares against ``jest_energy_budget_joules``),
+``jest_energy_sampling_seconds_total`` (the meter's own cost) and ``jest_energy_sampler_errors_total``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from jest_trainer.energy import EnergyMeter
+
+PHASES: tuple[str, ...] = ("data", "selection", "forward_backward", "optimizer", "checkpoint")
+FLOP_KINDS: tuple[str, ...] = ("train", "selection_learner", "selection_reference")
+
+# Step times from tens of milliseconds (tiny CPU demo) to minutes (large models on slow links).
+STEP_SECONDS_BUCKETS: tuple[float, ...] = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 150.0, float("inf"),
+)
+
+# Every metric family this module exports (exposition names, without histogram/counter suffixes other
+# than ``_total``); the dashboard test checks panels only use these and the operator's.
+TRAINER_METRIC_NAMES: tuple[str, ...] = (
+    "jest_train_steps_total",
+    "jest_train_examples_total",
+    "jest_selection_candidates_total",
+    "jest_step_duration_seconds",
+    "jest_step_phase_seconds_total",
+    "jest_model_flops_total",
+    "jest_train_loss",
+    "jest_eval_accuracy",
+    "jest_selection_ratio",
+    "jest_accelerator_energy_joules_total",
+    "jest_accelerator_power_watts",
+    "jest_energy_backend_info",
+    "jest_energy_consumed_joules_total",
+    "jest_energy_sampling_seconds_total",
+    "jest_energy_sampler_errors_total",
+    "jest_energy_budget_joules",
+)
+
+_STATE_KEYS: tuple[str, ...] = (
+    "steps",
+    "examples",
+    "candidates",
+    *(f"phase_seconds.{phase}" for phase in PHASES),
+    *(f"flops.{kind}" for kind in FLOP_KINDS),
+)
+
+
+class _EnergyCollector(Collector):
+    """Reads an EnergyMeter at scrape time; the only bridge between the sampler threads and /metrics."""
+
+    def __init__(self, meter: EnergyMeter, trainingjob: str, rank: str) -> None:
+        self._meter = meter
+        self._trainingjob = trainingjob
+        self._rank = rank
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        base = [self._trainingjob, self._rank]
+        device_labels = ["trainingjob", "rank", "device", "source", "method"]
+        energy = CounterMetricFamily(
+            "jest_accelerator_energy_joules",
+            "Energy of one physical device since its sampler started (method: measured|integrated|modelled).",
+            labels=device_labels,
+            unit="joules",
+        )
+        power = GaugeMetricFamily(
+            "jest_accelerator_power_watts", "Latest power of one physical device.", labels=device_labels, unit="watts"
+        )
+        for sample in self._meter.samples():
+            labels = [*base, sample.device, sample.source, sample.method]
+            energy.add_metric(labels, sample.joules)
+            power.add_metric(labels, sample.watts)
+        yield energy
+        yield power
+
+        info = GaugeMetricFamily(
+            "jest_energy_backend_info",
+            "The energy backend this worker uses (value 1).",
+            labels=["trainingjob", "rank", "source", "method"],
+        )
+        info.add_metric([*base, self._meter.source, self._meter.method], 1.0)
+        yield info
+
+        rank_labels = ["trainingjob", "rank", "source", "method"]
+        consumed = CounterMetricFamily(
+            "jest_energy_consumed_joules",
+            "This rank's energy including the total restored from a checkpoint (compare with the budget).",
+            labels=rank_labels,
+            unit="joules",
+        )
+        consumed.add_metric([*base, self._meter.source, self._meter.method], self._meter.total_joules())
+        yield consumed
+
+        sampling = CounterMetricFamily(
+            "jest_energy_sampling_seconds",
+            "Wall time the energy sampler threads spent reading devices (their overhead).",
+            labels=["trainingjob", "rank", "source"],
+            unit="seconds",
+        )
+        sampling.add_metric([*base, self._meter.source], self._meter.sampling_seconds_total())
+        yield sampling
+
+        errors = CounterMetricFamily(
+            "jest_energy_sampler_errors", "Failed energy readings (exceptions, counter resets).",
+            labels=["trainingjob", "rank", "source"],
+        )
+        errors.add_metric([*base, self._meter.source], float(self._meter.errors_total()))
+        yield errors
+
+        if self._meter.budget_joules is not None:
+            budget = GaugeMetricFamily(
+                "jest_energy_budget_joules",
+                "The job's configured energy budget (energy.budgetJoules).",
+                labels=["trainingjob"],
+                unit="joules",
+            )
+            budget.add_metric([self._trainingjob], float(self._meter.budget_joules))
+            yield budget
+
+
+class TrainerMetrics:
+    """The Prometheus metrics of one trainer rank, in a private registry (contract C3).
+
+    ``observe_step`` is the only call on the training loop's path: a handful of in-memory increments,
+    no I/O. Unknown phases or FLOP kinds raise ``ValueError`` naming the key.
+    """
+
+    def __init__(self, *, trainingjob: str, rank: int, registry: CollectorRegistry | None = None) -> None:
+        if not trainingjob:
+            raise ValueError("trainingjob must be a non-empty name")
+        if rank < 0:
+            raise ValueError(f"rank must be >= 0, got {rank}")
+        self.trainingjob = trainingjob
+        self.rank = rank
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._labels = {"trainingjob": trainingjob, "rank": str(rank)}
+        self._energy_collector: _EnergyCollector | None = None
+        self._server: WSGIServer | None = None
+        self._server_thread: threading.Thread | None = None
+        self._observed = False
+
+        names = ["trainingjob", "rank"]
+        reg = self.registry
+        self._steps = Counter("jest_train_steps", "Optimizer steps this rank completed.", names, registry=reg)
+        self._examples = Counter(
+            "jest_train_examples", "Examples this rank trained on (its share of the selected batch).", names,
+            registry=reg,
+        )
+        self._candidates = Counter(
+            "jest_selection_candidates", "Super-batch examples this rank scored for selection.", names, registry=reg
+        )
+        self._step_duration = Histogram(
+            "jest_step_duration_seconds", "Wall time of one training step on this rank.", names,
+            buckets=STEP_SECONDS_BUCKETS, registry=reg,
+        )
+        self._phase_seconds = Counter(
+            "jest_step_phase_seconds", "Cumulative wall time per step phase.", [*names, "phase"], registry=reg
+        )
+        self._flops = Counter(
+            "jest_model_flops", "Analytic model FLOPs: training and selection scoring (learner, reference).",
+            [*names, "kind"], registry=reg,
+        )
+        self._loss = Gauge("jest_train_loss", "Training loss of the last step.", names, registry=reg)
+        self._accuracy = Gauge("jest_eval_accuracy", "Last zero-shot evaluation accuracy (0-1).", names, registry=reg)
+        self._selection_ratio = Gauge(
+            "jest_selection_ratio", "Observed fraction of scored candidates that were trained on (last step).",
+            names, registry=reg,
+        )
+        # Export every labelled child from the start so series exist (at 0) before the first step.
+        for metric in (self._steps, self._examples, self._candidates, self._step_duration):
+            metric.labels(**self._labels)
+        for phase in PHASES:
+            self._phase_seconds.labels(**self._labels, phase=phase)
+        for kind in FLOP_KINDS:
+            self._flops.labels(**self._labels, kind=kind)
+
+    # --- serving ---------------------------------------------------------------------------------------
+
+    def serve(self, port: int) -> int:
+        """Serve ``/metrics`` on 0.0.0.0:``port`` in a daemon thread (0 = ephemeral); returns the port."""
+        if self._server is not None:
+            raise RuntimeError(f"metrics are already served on port {self._server.server_port}")
+        if not 0 <= port <= 65535:
+            raise ValueError(f"metrics port must be in 0..65535, got {port}")
+        self._server, self._server_thread = start_http_server(port, addr="0.0.0.0", registry=self.registry)
+        return int(self._server.server_port)
+
+    def close(self) -> None:
+        """Stop the HTTP server (if serving) and release its port."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            if self._server_thread is not None:
+                self._server_thread.join(timeout=5.0)
+            self._server = None
+            self._server_thread = None
+
+    # --- observations ----------------------------------------------------------------------------------
+
+    def observe_step(
+        self,
+        *,
+        duration_seconds: float,
+        phase_seconds: Mapping[str, float],
+        examples: int,
+        candidates: int,
+        flops: Mapping[str, float],
+        loss: float,
+        selection_ratio: float,
+    ) -> None:
+        """Record one completed step of this rank (its own examples/candidates/FLOPs, not the global ones)."""
+        unknown_phases = sorted(set(phase_seconds) - set(PHASES))
+        if unknown_phases:
+            raise ValueError(f"phase_seconds: unknown phase(s) {unknown_phases}; expected a subset of {PHASES}")
+        unknown_kinds = sorted(set(flops) - set(FLOP_KINDS))
+        if unknown_kinds:
+            raise ValueError(f"flops: unknown kind(s) {unknown_kinds}; expected a subset of {FLOP_KINDS}")
+        for field, value in (("duration_seconds", duration_seconds), ("examples", examples),
+                             ("candidates", candidates)):
+            if value < 0:
+                raise ValueError(f"{field} must be >= 0, got {value}")
+        for key, value in (*phase_seconds.items(), *flops.items()):
+            if value < 0:
+                raise ValueError(f"{key} must be >= 0, got {value}")
+        self._observed = True
+        labels = self._labels
+        self._steps.labels(**labels).inc()
+        self._examples.labels(**labels).inc(examples)
+        self._candidates.labels(**labels).inc(candidates)
+        self._step_duration.labels(**labels).observe(duration_seconds)
+        for phase, seconds in phase_seconds.items():
+            self._phase_seconds.labels(**labels, phase=phase).inc(seconds)
+        for kind, amount in flops.items():
+            self._flops.labels(**labels, kind=kind).inc(amount)
+        self._loss.labels(**labels).set(loss)
+        self._selection_ratio.labels(**labels).set(selection_ratio)
+
+    def observe_eval(self, accuracy: float) -> None:
+        """Record the latest evaluation accuracy (a fraction in [0, 1])."""
+        if not 0.0 <= accuracy <= 1.0:
+            raise ValueError(f"accuracy must be in [0, 1], got {accuracy}")
+        self._accuracy.labels(**self._labels).set(accuracy)
+
+    def attach_energy(self, meter: EnergyMeter) -> None:
+        """Export ``meter``'s readings at scrape time (replaces a previously attached meter)."""
+        if self._energy_collector is not None:
+            self.registry.unregister(self._energy_collector)
+        self._energy_collector = _EnergyCollector(meter, self.trainingjob, str(self.rank))
+        self.registry.register(self._energy_collector)
+
+    # --- checkpoint state ------------------------------------------------------------------------------
+
+    def _value(self, name: str, **extra: str) -> float:
+        value = self.registry.get_sample_value(name, {**self._labels, **extra})
+        return float(value or 0.0)
+
+    def counter_state(self) -> dict[str, float]:
+        """Counter totals to store in a checkpoint (keys: steps, examples, candidates, phase_seconds.<phase>,
+        flops.<kind>)."""
+        state = {
+            "steps": self._value("jest_train_steps_total"),
+            "examples": self._value("jest_train_examples_total"),
+            "candidates": self._value("jest_selection_candidates_total"),
+        }
+        for phase in PHASES:
+            state[f"phase_seconds.{phase}"] = self._value("jest_step_phase_seconds_total", phase=phase)
+        for kind in FLOP_KINDS:
+            state[f"flops.{kind}"] = self._value("jest_model_flops_total", kind=kind)
+        return state
+
+    def restore(self, state: Mapping[str, float]) -> None:
+        """Continue the counters from a checkpoint's :meth:`counter_state`; call before the first step.
+
+        Missing keys count as 0 (older checkpoints); unknown keys or negative values raise ``ValueError``
+        naming the key.
+        """
+        if self._observed or any(self.counter_state().values()):
+            raise RuntimeError("restore() must be called before any step is observed")
+        unknown = sorted(set(state) - set(_STATE_KEYS))
+        if unknown:
+            raise ValueError(f"counter state: unknown key(s) {unknown}; expected a subset of {list(_STATE_KEYS)}")
+        for key, value in state.items():
+            if float(value) < 0:
+                raise ValueError(f"counter state {key} must be >= 0, got {value}")
+        labels = self._labels
+        self._steps.labels(**labels).inc(float(state.get("steps", 0.0)))
+        self._examples.labels(**labels).inc(float(state.get("examples", 0.0)))
+        self._candidates.labels(**labels).inc(float(state.get("candidates", 0.0)))
+        for phase in PHASES:
+            self._phase_seconds.labels(**labels, phase=phase).inc(float(state.get(f"phase_seconds.{phase}", 0.0)))
+        for kind in FLOP_KINDS:
+            self._flops.labels(**labels, kind=kind).inc(float(state.get(f"flops.{kind}", 0.0)))
