@@ -267,7 +267,9 @@ class LocalPodProcess:
     which decides what to forward, and so signals reach grandchildren (torchrun's workers). Every
     stdout/stderr line is passed to ``sink`` prefixed ``[<label>]`` (default ``[rank r]``) and, when
     ``log_path`` is set, appended unprefixed to that file (the local kubelet's ``kubectl logs``). The
-    last ``tail_lines`` stderr lines are kept for failure messages.
+    last ``tail_lines`` stderr lines are kept for failure messages. With ``die_with_parent`` (Linux) the
+    child receives SIGTERM if the thread that started it dies, so a crashed ``jestctl`` leaves no
+    orphaned workers (they checkpoint and exit); only use it from a long-lived thread.
     """
 
     command: LocalCommand
@@ -277,6 +279,7 @@ class LocalPodProcess:
     log_path: Path | None = None
     base_env: Mapping[str, str] | None = None
     tail_lines: int = 20
+    die_with_parent: bool = False
     _process: subprocess.Popen[str] | None = field(default=None, init=False, repr=False)
     _readers: list[threading.Thread] = field(default_factory=list, init=False, repr=False)
     _stderr_tail: collections.deque[str] = field(init=False, repr=False)
@@ -322,6 +325,7 @@ class LocalPodProcess:
             errors="replace",
             bufsize=1,
             start_new_session=True,
+            preexec_fn=_terminate_with_parent if self.die_with_parent else None,
         )
         for stream, is_stderr in ((self._process.stdout, False), (self._process.stderr, True)):
             reader = threading.Thread(target=self._pump, args=(stream, is_stderr), daemon=True,
@@ -408,6 +412,17 @@ class LocalPodProcess:
         """The last ``lines`` (default all kept) stderr lines, for a failure message."""
         kept = list(self._stderr_tail)
         return kept if lines is None else kept[-lines:]
+
+
+def _terminate_with_parent() -> None:
+    """In the forked child: ask Linux for SIGTERM when the parent thread dies (no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
 
 def terminate_all(processes: Iterable[LocalPodProcess], grace_seconds: float) -> dict[int, int | None]:
@@ -520,6 +535,7 @@ class GangRunner:
     fresh rendezvous port, resuming from the newest checkpoint, until ``backoff_limit`` restarts are
     spent. ``stop`` (set by jestctl's signal handler) forwards SIGTERM to every worker; they checkpoint
     and exit, and the run ends Suspended. ``active_deadline_seconds`` fails the run like the operator.
+    Workers die with the thread that calls ``run`` (``die_with_parent``): call it from the main thread.
     """
 
     job: Any
@@ -538,6 +554,7 @@ class GangRunner:
     active_deadline_seconds: float | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     first_attempt: int = 0
+    die_with_parent: bool = True
 
     @property
     def progress_path(self) -> Path:
@@ -560,7 +577,8 @@ class GangRunner:
                                    metrics_port=port)
             command.env.update(self.extra_env)
             log_path = self.workdir / "logs" / f"attempt-{attempt}" / f"rank-{rank}.log"
-            processes.append(LocalPodProcess(command, rank=rank, sink=self.sink, log_path=log_path))
+            processes.append(LocalPodProcess(command, rank=rank, sink=self.sink, log_path=log_path,
+                                             die_with_parent=self.die_with_parent))
         return processes
 
     def _read_attempt_progress(self, attempt: int) -> dict[str, Any] | None:

@@ -425,3 +425,34 @@ def pid_alive(pid: int) -> bool:
             return stat.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_die_with_parent_sends_sigterm_when_the_supervisor_dies(tmp_path: Path, process_reaper) -> None:
+    import subprocess
+
+    marker = tmp_path / "got-sigterm"
+    worker = f"""
+import pathlib, signal, sys, time
+def stop(signum, frame):
+    pathlib.Path({str(marker)!r}).write_text("yes")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+print("ready", flush=True)
+time.sleep(60)
+"""
+    supervisor = f"""
+import sys, time
+from pathlib import Path
+from jest_operator.local import LocalCommand, LocalPodProcess
+process = LocalPodProcess(LocalCommand([sys.executable, "-c", {worker!r}], {{}}, Path({str(tmp_path)!r})),
+                          die_with_parent=True, sink=lambda line: print(line, flush=True))
+process.start()
+time.sleep(60)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", supervisor], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    process_reaper.append(parent)
+    assert parent.stdout.readline().strip() == "[rank 0] ready"
+    parent.kill()
+    parent.wait(timeout=10)
+    wait_for(marker.exists)
