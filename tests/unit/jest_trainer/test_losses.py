@@ -1,0 +1,133 @@
+"""Unit tests of the contrastive losses: formulas, agreement with open_clip, and the JEST sub-batch identity."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from jest_trainer.losses import (
+    contrastive_loss,
+    sigmoid_batch_loss,
+    sigmoid_logits,
+    sigmoid_pair_losses,
+    softmax_batch_loss,
+    softmax_logits,
+)
+from open_clip.loss import ClipLoss, SigLipLoss
+from torch.nn import functional
+
+
+def _features(n: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    image = functional.normalize(torch.randn(n, dim, generator=generator, dtype=torch.float64), dim=1)
+    text = functional.normalize(image + 0.8 * torch.randn(n, dim, generator=generator, dtype=torch.float64), dim=1)
+    return image, text
+
+
+SCALE = torch.tensor(math.log(10.0), dtype=torch.float64)
+BIAS = torch.tensor(-5.0, dtype=torch.float64)
+
+
+def test_logits_follow_the_documented_formulas() -> None:
+    image, text = _features(6, 8, seed=0)
+    expected = 10.0 * image @ text.T
+    torch.testing.assert_close(softmax_logits(image, text, SCALE), expected)
+    torch.testing.assert_close(sigmoid_logits(image, text, SCALE, BIAS), expected - 5.0)
+
+
+def test_logits_reject_mismatched_widths() -> None:
+    image, _ = _features(4, 8, seed=0)
+    with pytest.raises(ValueError, match="text: embedding width 5"):
+        sigmoid_logits(image, torch.zeros(4, 5, dtype=torch.float64), SCALE, BIAS)
+
+
+def test_sigmoid_pair_losses_use_plus_one_labels_on_the_diagonal_only() -> None:
+    logits = torch.randn(5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 4
+    labels = 2 * torch.eye(5, dtype=torch.float64) - 1
+    torch.testing.assert_close(sigmoid_pair_losses(logits), -functional.logsigmoid(labels * logits))
+
+
+def test_sigmoid_pair_losses_stay_finite_for_extreme_logits() -> None:
+    logits = torch.tensor([[1e4, -1e4], [-1e4, -1e4]], dtype=torch.float32)
+    losses = sigmoid_pair_losses(logits)
+    assert torch.isfinite(losses).all()
+    torch.testing.assert_close(losses, torch.tensor([[0.0, 0.0], [0.0, 1e4]]))
+
+
+def test_sigmoid_batch_loss_matches_open_clip_siglip() -> None:
+    image, text = _features(7, 16, seed=2)
+    ours = sigmoid_batch_loss(sigmoid_logits(image, text, SCALE, BIAS))
+    theirs = SigLipLoss()(image, text, SCALE.exp(), BIAS)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_softmax_batch_loss_matches_open_clip_clip() -> None:
+    image, text = _features(7, 16, seed=3)
+    ours = softmax_batch_loss(softmax_logits(image, text, SCALE))
+    theirs = ClipLoss()(image, text, SCALE.exp())
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_batch_losses_reject_non_square_logits() -> None:
+    with pytest.raises(ValueError, match=r"logits: expected a square"):
+        softmax_batch_loss(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match=r"logits: expected a square"):
+        sigmoid_batch_loss(torch.zeros(3, 4))
+
+
+def test_learnability_of_a_sub_batch_is_the_sum_of_pairwise_scores() -> None:
+    """Σ_{i,j∈A} S_ij, S = M^θ - M^θ*, equals |A| x (learner - reference SigLIP batch loss on A)."""
+    learner_image, learner_text = _features(12, 8, seed=4)
+    reference_image, reference_text = _features(12, 8, seed=5)
+    learner = sigmoid_logits(learner_image, learner_text, SCALE, BIAS)
+    reference_scale, reference_bias = torch.tensor(2.0, dtype=torch.float64), torch.tensor(-3.0, dtype=torch.float64)
+    reference = sigmoid_logits(reference_image, reference_text, reference_scale, reference_bias)
+    scores = sigmoid_pair_losses(learner) - sigmoid_pair_losses(reference)
+    for subset in ([0], [3, 7], [1, 2, 5, 9, 11], list(range(12))):
+        chosen = torch.tensor(subset)
+        pairwise = scores[chosen][:, chosen].sum()
+        learner_loss = sigmoid_batch_loss(learner[chosen][:, chosen])
+        reference_loss = sigmoid_batch_loss(reference[chosen][:, chosen])
+        torch.testing.assert_close(pairwise, (learner_loss - reference_loss) * len(subset))
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "softmax"])
+def test_contrastive_loss_without_distributed_is_the_batch_loss(kind: str) -> None:
+    image, text = _features(8, 16, seed=6)
+    loss = contrastive_loss(image, text, SCALE, BIAS, kind=kind)
+    if kind == "sigmoid":
+        expected = sigmoid_batch_loss(sigmoid_logits(image, text, SCALE, BIAS))
+    else:
+        expected = softmax_batch_loss(softmax_logits(image, text, SCALE))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_contrastive_loss_gradients_reach_features_and_temperature() -> None:
+    image, text = _features(8, 16, seed=7)
+    image.requires_grad_(True)
+    scale = SCALE.clone().requires_grad_(True)
+    bias = BIAS.clone().requires_grad_(True)
+    contrastive_loss(image, text, scale, bias, kind="sigmoid").backward()
+    assert image.grad is not None and torch.isfinite(image.grad).all() and image.grad.abs().sum() > 0
+    assert scale.grad is not None and bias.grad is not None
+
+
+def test_softmax_contrastive_loss_accepts_no_bias() -> None:
+    image, text = _features(4, 8, seed=8)
+    assert torch.isfinite(contrastive_loss(image, text, SCALE, None, kind="softmax"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"kind": "hinge"}, "kind: expected one of"),
+        ({"kind": "sigmoid", "bias": None}, "logit_bias: required"),
+        ({"kind": "softmax", "text_rows": 3}, "text: 3 texts for 4 images"),
+    ],
+)
+def test_contrastive_loss_rejects_bad_arguments(kwargs: dict, message: str) -> None:
+    image, text = _features(4, 8, seed=9)
+    text = text[: kwargs.get("text_rows", 4)]
+    with pytest.raises(ValueError, match=message):
+        contrastive_loss(image, text, SCALE, kwargs.get("bias", BIAS), kind=kwargs["kind"])

@@ -1,0 +1,384 @@
+"""Unit tests of batch selection: JEST's conditional scores, its sampling distribution and the dispatcher.
+
+The brute-force references here recompute every conditional score from scratch (sigmoid: the pairwise
+sums; softmax: the CLIP loss on A+{k} minus on A), so the incremental bookkeeping in the module is
+checked against the definitions in JEST.md, not against itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jest_trainer.losses import sigmoid_pair_losses, softmax_batch_loss
+from jest_trainer.selection import (
+    METHODS,
+    jest_select,
+    jest_select_softmax,
+    select_batch,
+    softmax_incremental_cost,
+)
+from scipy.stats import chisquare
+from torch.nn import functional
+
+
+def _matrix(size: int, seed: int, scale: float = 1.0) -> torch.Tensor:
+    return scale * torch.randn(size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def _seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _summed_clip_loss(logits: torch.Tensor, members: list[int]) -> torch.Tensor:
+    """Lsum(A) = 2|A| · CLIP batch loss on A (0 for the empty set): the normalisation selection documents."""
+    if not members:
+        return torch.tensor(0.0, dtype=logits.dtype)
+    chosen = torch.tensor(members)
+    return 2 * len(members) * softmax_batch_loss(logits[chosen][:, chosen])
+
+
+def _brute_sigmoid_conditional(scores: torch.Tensor, selected: list[int]) -> torch.Tensor:
+    chosen = torch.tensor(selected, dtype=torch.long)
+    return scores.diagonal() + scores[:, chosen].sum(dim=1) + scores[chosen, :].sum(dim=0)
+
+
+def _brute_softmax_conditional(learner: torch.Tensor, reference: torch.Tensor, selected: list[int]) -> torch.Tensor:
+    learner_base, reference_base = _summed_clip_loss(learner, selected), _summed_clip_loss(reference, selected)
+    values = []
+    for candidate in range(learner.shape[0]):
+        if candidate in selected:
+            values.append(0.0)
+            continue
+        grown = [*selected, candidate]
+        learner_gain = _summed_clip_loss(learner, grown) - learner_base
+        reference_gain = _summed_clip_loss(reference, grown) - reference_base
+        values.append(float(learner_gain - reference_gain))
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _chunks(indices: list[int], n_chunks: int) -> list[list[int]]:
+    """Selection split into its chunks, each sorted: order inside a chunk carries no meaning."""
+    per_chunk = len(indices) // n_chunks
+    return [sorted(indices[start : start + per_chunk]) for start in range(0, len(indices), per_chunk)]
+
+
+def _reference_sampler(conditional, size: int, batch_size: int, n_chunks: int, seed: int) -> list[int]:
+    """Naive chunked Gumbel top-k with from-scratch conditional scores.
+
+    It draws the noise exactly as the module documents its layout (one uniform [n_chunks, B] draw from
+    the generator, in float64 for float64 inputs), so the two must pick identical indices.
+    """
+    uniform = torch.rand((n_chunks, size), generator=_seeded(seed), dtype=torch.float64)
+    gumbel = -torch.log(-torch.log(uniform.clamp(min=torch.finfo(torch.float64).tiny)))
+    selected: list[int] = []
+    for chunk in range(n_chunks):
+        scores = conditional(selected).clone()
+        scores[selected] = -math.inf
+        picked = torch.topk(scores + gumbel[chunk], batch_size // n_chunks).indices.tolist()
+        selected.extend(picked)
+    return selected
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exactness of the conditional scores
+
+
+@pytest.mark.parametrize("selected", [[], [4], [0, 5, 2], [1, 3, 6, 7, 8]])
+def test_softmax_incremental_cost_equals_the_brute_force_loss_difference(selected: list[int]) -> None:
+    logits = _matrix(9, seed=1, scale=3.0)
+    cost = softmax_incremental_cost(logits, torch.tensor(selected, dtype=torch.long))
+    for candidate in range(9):
+        if candidate in selected:
+            continue
+        expected = _summed_clip_loss(logits, [*selected, candidate]) - _summed_clip_loss(logits, selected)
+        torch.testing.assert_close(cost[candidate], expected)
+
+
+def test_jest_select_matches_the_naive_sampler_with_from_scratch_scores() -> None:
+    scores = _matrix(24, seed=2)
+    ours = jest_select(scores, 12, 4, generator=_seeded(7)).tolist()
+    naive = _reference_sampler(lambda chosen: _brute_sigmoid_conditional(scores, chosen), 24, 12, 4, seed=7)
+    assert _chunks(ours, 4) == _chunks(naive, 4)
+
+
+def test_jest_select_softmax_matches_the_naive_sampler_with_brute_force_losses() -> None:
+    learner, reference = _matrix(12, seed=3, scale=4.0), _matrix(12, seed=4, scale=4.0)
+    for seed in range(2):
+        ours = jest_select_softmax(learner, reference, 10, 5, generator=_seeded(seed)).tolist()
+        naive = _reference_sampler(
+            lambda chosen: _brute_softmax_conditional(learner, reference, chosen), 12, 10, 5, seed=seed
+        )
+        assert _chunks(ours, 5) == _chunks(naive, 5), seed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Properties of the sampler
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    super_batch=st.integers(min_value=1, max_value=48),
+    n_chunks=st.integers(min_value=1, max_value=6),
+    per_chunk=st.integers(min_value=1, max_value=6),
+    seed=st.integers(min_value=0, max_value=2**31 - 1),
+    softmax=st.booleans(),
+)
+def test_selection_is_unique_sized_in_range_and_deterministic(
+    super_batch: int, n_chunks: int, per_chunk: int, seed: int, softmax: bool
+) -> None:
+    batch_size = n_chunks * per_chunk
+    if batch_size > super_batch:
+        batch_size = n_chunks * (super_batch // n_chunks)
+        if batch_size == 0:
+            return
+
+    def run() -> torch.Tensor:
+        if softmax:
+            return jest_select_softmax(
+                _matrix(super_batch, seed % 1000, 3.0), _matrix(super_batch, seed % 997, 3.0),
+                batch_size, n_chunks, generator=_seeded(seed),
+            )
+        return jest_select(_matrix(super_batch, seed % 1000, 3.0), batch_size, n_chunks, generator=_seeded(seed))
+
+    first, second = run(), run()
+    assert first.dtype == torch.long and first.shape == (batch_size,)
+    assert first.unique().numel() == batch_size
+    assert int(first.min()) >= 0 and int(first.max()) < super_batch
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("softmax", [False, True])
+def test_different_seeds_give_different_selections(softmax: bool) -> None:
+    learner, reference = _matrix(64, seed=5), _matrix(64, seed=6)
+    selections = set()
+    for seed in range(8):
+        if softmax:
+            indices = jest_select_softmax(learner, reference, 16, 4, generator=_seeded(seed))
+        else:
+            indices = jest_select(learner - reference, 16, 4, generator=_seeded(seed))
+        selections.add(tuple(sorted(indices.tolist())))
+    assert len(selections) == 8
+
+
+def test_huge_scores_neither_overflow_nor_break_uniqueness() -> None:
+    scores = _matrix(40, seed=8, scale=1e6).float()
+    indices = jest_select(scores, 20, 5, generator=_seeded(0))
+    assert indices.unique().numel() == 20
+
+
+def test_float32_scores_are_accepted_and_give_long_indices() -> None:
+    indices = jest_select(_matrix(10, seed=9).float(), 4, 2, generator=_seeded(0))
+    assert indices.dtype == torch.long
+
+
+def test_two_chunk_draws_follow_the_jest_distribution() -> None:
+    """5 items, 1 per chunk: P(i first) = softmax(diag)_i and P(k second | i) ∝ exp(S_kk + S_ik + S_ki).
+
+    Chi-square over the 20 ordered pairs from 8,000 seeded draws; as a power check the same counts must
+    clearly reject the distribution that ignores the pairwise terms.
+    """
+    scores = _matrix(5, seed=10, scale=1.2)
+    draws = 8_000
+    generator = _seeded(123)
+    counts = torch.zeros(5, 5)
+    first_counts = torch.zeros(5)
+    for _ in range(draws):
+        first, second = jest_select(scores, 2, 2, generator=generator).tolist()
+        counts[first, second] += 1
+        first_counts[first] += 1
+
+    diagonal = scores.diagonal()
+    first_probability = torch.softmax(diagonal, dim=0)
+    joint = torch.zeros(5, 5, dtype=torch.float64)
+    independent = torch.zeros(5, 5, dtype=torch.float64)
+    for first in range(5):
+        conditional = diagonal + scores[first, :] + scores[:, first]
+        conditional[first] = -math.inf
+        joint[first] = first_probability[first] * torch.softmax(conditional, dim=0)
+        marginal_only = diagonal.clone()
+        marginal_only[first] = -math.inf
+        independent[first] = first_probability[first] * torch.softmax(marginal_only, dim=0)
+
+    sigma = torch.sqrt(first_probability * (1 - first_probability) / draws)
+    assert torch.all((first_counts / draws - first_probability).abs() < 4 * sigma)
+
+    off_diagonal = ~torch.eye(5, dtype=torch.bool)
+    observed = counts[off_diagonal].numpy()
+    assert chisquare(observed, (joint[off_diagonal] * draws).numpy()).pvalue > 1e-3
+    assert chisquare(observed, (independent[off_diagonal] * draws).numpy()).pvalue < 1e-6
+
+
+def test_joint_selection_prefers_a_jointly_learnable_pair_over_individually_good_items() -> None:
+    """Items 0 and 1 are unremarkable alone (S_kk = 0) but learnable together (S_01 = S_10 = 5); items
+    2..9 are individually better (S_kk = 0.5) with no joint value. Independent top-k never picks the pair;
+    JEST usually does and so reaches a higher batch learnability."""
+    scores = torch.zeros(10, 10, dtype=torch.float64)
+    scores.diagonal()[2:] = 0.5
+    scores[0, 1] = scores[1, 0] = 5.0
+    # Logits whose per-pair losses differ by exactly ``scores`` keep the dispatcher in the loop.
+    learner_pair_losses = scores + 1.0
+    reference_pair_losses = torch.ones_like(scores)
+    learner, reference = _logits_with_pair_losses(learner_pair_losses), _logits_with_pair_losses(reference_pair_losses)
+    torch.testing.assert_close(sigmoid_pair_losses(learner) - sigmoid_pair_losses(reference), scores)
+
+    topk = select_batch("learnability_topk", learner_logits=learner, reference_logits=reference, loss="sigmoid",
+                        batch_size=6, n_chunks=6)
+    assert not {0, 1} & set(topk.tolist())
+
+    trials, with_pair, learnability = 300, 0, 0.0
+    generator = _seeded(0)
+    for _ in range(trials):
+        chosen = select_batch("jest", learner_logits=learner, reference_logits=reference, loss="sigmoid",
+                              batch_size=6, n_chunks=6, generator=generator)
+        with_pair += {0, 1} <= set(chosen.tolist())
+        learnability += float(scores[chosen][:, chosen].sum())
+    assert with_pair / trials > 0.5
+    assert learnability / trials > float(scores[topk][:, topk].sum()) + 2.0
+
+
+def _logits_with_pair_losses(pair_losses: torch.Tensor) -> torch.Tensor:
+    """Invert softplus(-z·L) = M: L = z · -softplus⁻¹(M), with softplus⁻¹(m) = log(expm1(m))."""
+    labels = 2 * torch.eye(pair_losses.shape[0], dtype=pair_losses.dtype) - 1
+    return -labels * torch.log(torch.expm1(pair_losses))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The dispatcher
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_dispatches_for_both_losses(method: str, loss: str) -> None:
+    learner, reference = _matrix(40, seed=11, scale=3.0), _matrix(40, seed=12, scale=3.0)
+    first = select_batch(method, learner_logits=learner, reference_logits=reference, loss=loss, batch_size=16,
+                         n_chunks=4, generator=_seeded(3))
+    again = select_batch(method, learner_logits=learner, reference_logits=reference, loss=loss, batch_size=16,
+                         n_chunks=4, generator=_seeded(3))
+    assert first.shape == (16,) and first.unique().numel() == 16 and first.dtype == torch.long
+    assert torch.equal(first, again)
+
+
+def test_sigmoid_methods_are_jest_select_on_their_documented_scores() -> None:
+    learner, reference = _matrix(30, seed=13, scale=3.0), _matrix(30, seed=14, scale=3.0)
+    learner_losses, reference_losses = sigmoid_pair_losses(learner), sigmoid_pair_losses(reference)
+    expected_scores = {
+        "jest": learner_losses - reference_losses,
+        "hard_learner": learner_losses,
+        "easy_reference": -reference_losses,
+    }
+    for method, scores in expected_scores.items():
+        chosen = select_batch(method, learner_logits=learner, reference_logits=reference, loss="sigmoid",
+                              batch_size=10, n_chunks=5, generator=_seeded(4))
+        assert torch.equal(chosen, jest_select(scores, 10, 5, generator=_seeded(4))), method
+
+
+def test_softmax_jest_dispatches_to_jest_select_softmax() -> None:
+    learner, reference = _matrix(30, seed=15, scale=3.0), _matrix(30, seed=16, scale=3.0)
+    chosen = select_batch("jest", learner_logits=learner, reference_logits=reference, loss="softmax",
+                          batch_size=10, n_chunks=5, generator=_seeded(5))
+    assert torch.equal(chosen, jest_select_softmax(learner, reference, 10, 5, generator=_seeded(5)))
+
+
+def test_learnability_topk_scores_examples_independently() -> None:
+    learner, reference = _matrix(30, seed=17, scale=3.0), _matrix(30, seed=18, scale=3.0)
+    sigmoid = select_batch("learnability_topk", learner_logits=learner, reference_logits=reference,
+                           loss="sigmoid", batch_size=7, n_chunks=7)
+    diagonal_scores = sigmoid_pair_losses(learner).diagonal() - sigmoid_pair_losses(reference).diagonal()
+    assert set(sigmoid.tolist()) == set(torch.topk(diagonal_scores, 7).indices.tolist())
+
+    softmax = select_batch("learnability_topk", learner_logits=learner, reference_logits=reference,
+                           loss="softmax", batch_size=7, n_chunks=7)
+    labels = torch.arange(30)
+
+    def per_example(logits: torch.Tensor) -> torch.Tensor:
+        rows = functional.cross_entropy(logits, labels, reduction="none")
+        cols = functional.cross_entropy(logits.T, labels, reduction="none")
+        return (rows + cols) / 2
+
+    expected = torch.topk(per_example(learner) - per_example(reference), 7).indices
+    assert set(softmax.tolist()) == set(expected.tolist())
+
+
+def test_uniform_needs_only_the_super_batch_size() -> None:
+    learner = _matrix(20, seed=19)
+    from_learner = select_batch("uniform", learner_logits=learner, reference_logits=None, loss="sigmoid",
+                                batch_size=5, n_chunks=1, generator=_seeded(0))
+    from_reference = select_batch("uniform", learner_logits=None, reference_logits=learner, loss="softmax",
+                                  batch_size=5, n_chunks=1, generator=_seeded(0))
+    assert torch.equal(from_learner, from_reference) and from_learner.unique().numel() == 5
+    with pytest.raises(ValueError, match="'uniform' needs learner_logits or reference_logits"):
+        select_batch("uniform", learner_logits=None, reference_logits=None, loss="sigmoid", batch_size=5,
+                     n_chunks=1)
+
+
+def test_uniform_covers_the_super_batch_evenly() -> None:
+    counts = torch.zeros(10)
+    generator = _seeded(1)
+    draws = 2_000
+    for _ in range(draws):
+        counts[select_batch("uniform", learner_logits=torch.zeros(10, 10), reference_logits=None, loss="sigmoid",
+                            batch_size=3, n_chunks=1, generator=generator)] += 1
+    sigma = math.sqrt(draws * 0.3 * 0.7)
+    assert torch.all((counts - draws * 0.3).abs() < 4 * sigma)
+
+
+@pytest.mark.parametrize(
+    ("method", "missing", "message"),
+    [
+        ("jest", "reference", "reference_logits: required by selection method 'jest'"),
+        ("learnability_topk", "reference", "reference_logits: required by selection method 'learnability_topk'"),
+        ("easy_reference", "reference", "reference_logits: required by selection method 'easy_reference'"),
+        ("jest", "learner", "learner_logits: required by selection method 'jest'"),
+        ("hard_learner", "learner", "learner_logits: required by selection method 'hard_learner'"),
+    ],
+)
+def test_missing_logits_name_the_argument(method: str, missing: str, message: str) -> None:
+    logits = _matrix(8, seed=20)
+    kwargs = {"learner_logits": None if missing == "learner" else logits,
+              "reference_logits": None if missing == "reference" else logits}
+    with pytest.raises(ValueError, match=message):
+        select_batch(method, loss="sigmoid", batch_size=4, n_chunks=2, **kwargs)
+
+
+def test_single_model_methods_do_not_need_the_other_model() -> None:
+    logits = _matrix(8, seed=21)
+    select_batch("hard_learner", learner_logits=logits, reference_logits=None, loss="softmax", batch_size=4,
+                 n_chunks=2)
+    select_batch("easy_reference", learner_logits=None, reference_logits=logits, loss="sigmoid", batch_size=4,
+                 n_chunks=2)
+
+
+def test_unknown_method_and_loss_are_rejected_by_name() -> None:
+    logits = _matrix(8, seed=22)
+    with pytest.raises(ValueError, match="method: unknown selection method 'random'"):
+        select_batch("random", learner_logits=logits, reference_logits=logits, loss="sigmoid", batch_size=4,
+                     n_chunks=2)
+    with pytest.raises(ValueError, match="loss: expected one of"):
+        select_batch("jest", learner_logits=logits, reference_logits=logits, loss="hinge",  # type: ignore[arg-type]
+                     batch_size=4, n_chunks=2)
+
+
+@pytest.mark.parametrize(
+    ("scores", "batch_size", "n_chunks", "message"),
+    [
+        (torch.zeros(4, 5), 2, 1, r"scores: expected a square \[B, B\] matrix"),
+        (torch.zeros(4), 2, 1, r"scores: expected a square \[B, B\] matrix"),
+        (torch.zeros(4, 4), 5, 1, "batch_size: 5 exceeds the super-batch size 4"),
+        (torch.zeros(4, 4), 0, 1, "batch_size: expected a positive integer"),
+        (torch.zeros(4, 4), 3, 2, "n_chunks: batch_size 3 is not divisible by n_chunks 2"),
+        (torch.zeros(4, 4), 2, 0, "n_chunks: expected a positive integer"),
+        (torch.full((4, 4), math.nan), 2, 1, "scores: contains NaN or infinite values"),
+    ],
+)
+def test_jest_select_rejects_bad_arguments(scores: torch.Tensor, batch_size: int, n_chunks: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        jest_select(scores, batch_size, n_chunks)
+
+
+def test_jest_select_softmax_rejects_mismatched_models() -> None:
+    with pytest.raises(ValueError, match="reference_logits: shape"):
+        jest_select_softmax(torch.zeros(4, 4), torch.zeros(5, 5), 2, 1)

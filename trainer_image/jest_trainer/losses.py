@@ -1,0 +1,212 @@
+"""Contrastive image-text losses: per-pair loss matrices for selection and batch losses for training.
+
+JEST scores candidate sub-batches with *per-pair* losses (the sigmoid loss decomposes into a sum over
+pairs, see ``JEST.md``) while the learner trains on the selected batch with the usual batch loss. Both
+views are built here from the same logit matrices so that selection and training can never disagree on
+what "the loss" is.
+
+Conventions (binding, contract C1):
+
+* embeddings are L2-normalised rows; ``logit_scale`` is log t (the temperature is ``exp(logit_scale)``)
+  and ``logit_bias`` is b (sigmoid loss only);
+* row ``i`` of a logit matrix is image ``i``, column ``j`` is text ``j``; pair ``(i, i)`` is positive;
+* the sigmoid (SigLIP) batch loss is ``sum(M) / B`` with ``M_ij = softplus(-z_ij * L_ij)``, exactly
+  open_clip's ``SigLipLoss`` normalisation; the softmax (CLIP) batch loss is the mean of the row-wise
+  and column-wise cross-entropies.
+
+Distributed training (:func:`contrastive_loss` with ``world_size > 1``) uses global negatives. Each rank
+computes only its own rows (its images against every rank's texts, and for softmax also its texts
+against every rank's images), features are all-gathered *with* gradient, and the returned value is the
+global single-process loss on every rank. Gradient convention: after ``backward()`` on every rank, the
+gradient reaching the local features (and parameters) is ``world_size`` times the gradient of the global
+loss, so DDP's mean all-reduce of parameter gradients yields exactly the single-process gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.nn import functional
+
+LossKind = Literal["sigmoid", "softmax"]
+LOSS_KINDS: tuple[str, ...] = ("sigmoid", "softmax")
+
+
+def _require_matrix(name: str, tensor: Tensor) -> None:
+    if tensor.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(tensor.shape)}")
+
+
+def _require_square(name: str, tensor: Tensor) -> None:
+    if tensor.dim() != 2 or tensor.shape[0] != tensor.shape[1]:
+        raise ValueError(f"{name}: expected a square [B, B] matrix, got shape {tuple(tensor.shape)}")
+
+
+def _require_features(image: Tensor, text: Tensor) -> None:
+    _require_matrix("image", image)
+    _require_matrix("text", text)
+    if image.shape[1] != text.shape[1]:
+        raise ValueError(
+            f"text: embedding width {text.shape[1]} does not match image embedding width {image.shape[1]}"
+        )
+
+
+def sigmoid_logits(image: Tensor, text: Tensor, logit_scale: Tensor, logit_bias: Tensor) -> Tensor:
+    """SigLIP logits ``exp(logit_scale) * image @ text.T + logit_bias`` of shape ``[n, m]``."""
+    _require_features(image, text)
+    return logit_scale.exp() * image @ text.T + logit_bias
+
+
+def softmax_logits(image: Tensor, text: Tensor, logit_scale: Tensor) -> Tensor:
+    """CLIP logits ``exp(logit_scale) * image @ text.T`` of shape ``[n, m]`` (no bias: softmax ignores it)."""
+    _require_features(image, text)
+    return logit_scale.exp() * image @ text.T
+
+
+def _sigmoid_pair_losses_at(logits: Tensor, positive_offset: int) -> Tensor:
+    """``softplus(-z * L)`` where ``z`` is +1 at ``(i, i + positive_offset)`` and -1 elsewhere.
+
+    Written as ``softplus(L)`` everywhere with the positives replaced by ``softplus(-L)``, which avoids
+    materialising a label matrix; the offset lets one rank's rows sit inside the global columns.
+    """
+    rows = logits.shape[0]
+    positive_columns = torch.arange(rows, device=logits.device) + positive_offset
+    positive_mask = torch.zeros_like(logits, dtype=torch.bool)
+    positive_mask[torch.arange(rows, device=logits.device), positive_columns] = True
+    return functional.softplus(torch.where(positive_mask, -logits, logits))
+
+
+def sigmoid_pair_losses(logits: Tensor) -> Tensor:
+    """Per-pair SigLIP losses ``M_ij = softplus(-z_ij * L_ij)``, ``z = +1`` on the diagonal, -1 off it.
+
+    ``M`` is what JEST's pairwise learnability ``S = M^θ - M^θ*`` is built from; its sum divided by
+    ``B`` is :func:`sigmoid_batch_loss`.
+    """
+    _require_square("logits", logits)
+    return _sigmoid_pair_losses_at(logits, 0)
+
+
+def sigmoid_batch_loss(logits: Tensor) -> Tensor:
+    """SigLIP batch loss ``sigmoid_pair_losses(logits).sum() / B`` (open_clip's normalisation)."""
+    return sigmoid_pair_losses(logits).sum() / logits.shape[0]
+
+
+def softmax_batch_loss(logits: Tensor) -> Tensor:
+    """CLIP batch loss: (mean row cross-entropy + mean column cross-entropy) / 2, positives on the diagonal."""
+    _require_square("logits", logits)
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (functional.cross_entropy(logits, labels) + functional.cross_entropy(logits.T, labels)) / 2
+
+
+class _GatherWithGradient(torch.autograd.Function):
+    """All-gather of equally shaped tensors whose backward returns the *summed* gradient of this rank's slice.
+
+    The backward all-reduces (sums) the gradient of the gathered tensor over ranks and keeps this rank's
+    rows, so each input receives the gradient of the sum of every rank's loss. Built on ``all_gather`` and
+    ``all_reduce`` only, which gloo, NCCL and XLA all implement (gloo has no reduce-scatter).
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group: dist.ProcessGroup | None) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        ctx.rank = dist.get_rank(group)
+        ctx.rows = tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        grad = grad_output.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        start = ctx.rank * ctx.rows
+        return grad[start : start + ctx.rows], None
+
+
+def _distributed_world(group: dist.ProcessGroup | None) -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def _check_equal_local_batches(rows: int, group: dist.ProcessGroup | None) -> None:
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size(group))]
+    mine = torch.tensor([rows], dtype=torch.long)
+    if dist.get_backend(group) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+        sizes = [size.to(device) for size in sizes]
+        mine = mine.to(device)
+    dist.all_gather(sizes, mine, group=group)
+    if any(int(size.item()) != rows for size in sizes):
+        raise ValueError(
+            f"image: every rank must hold the same local batch size for global negatives, got "
+            f"{[int(size.item()) for size in sizes]}"
+        )
+
+
+def contrastive_loss(
+    image: Tensor,
+    text: Tensor,
+    logit_scale: Tensor,
+    logit_bias: Tensor | None,
+    *,
+    kind: LossKind,
+    group: dist.ProcessGroup | None = None,
+    check_batch_sizes: bool = False,
+) -> Tensor:
+    """The training loss on this rank's selected batch, with global negatives when distributed.
+
+    Single process (or ``torch.distributed`` not initialised, or world size 1): the SigLIP or CLIP batch
+    loss of ``image`` x ``text``. With ``world_size = W > 1`` every rank holds ``b`` rows of a global batch
+    of ``W*b`` (rank ``r`` owns global rows ``r*b .. r*b+b-1``, all ranks the same ``b``):
+
+    * sigmoid: this rank's images against all ranks' texts (texts all-gathered with gradient), as
+      open_clip's ``SigLipLoss`` exchange does; the rank's share is ``sum(M_local) / b``;
+    * softmax: image and text features all-gathered with gradient; the rank's share is its rows' image→text
+      and text→image cross-entropies, ``(sum CE_img + sum CE_txt) / (2b)``.
+
+    The mean of the shares over ranks is the global single-process loss; the returned *value* is that
+    global loss on every rank (one scalar all-reduce), while the *gradient* is that of the local share,
+    which with the gather's summing backward gives local features ``W x`` the global gradient, i.e. exactly
+    the single-process gradient after DDP's averaging. ``check_batch_sizes`` adds a collective that turns
+    unequal local batches into a clear error instead of a hang or a shape error.
+    """
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"kind: expected one of {LOSS_KINDS}, got {kind!r}")
+    if kind == "sigmoid" and logit_bias is None:
+        raise ValueError("logit_bias: required for the sigmoid loss")
+    _require_features(image, text)
+    if image.shape[0] != text.shape[0]:
+        raise ValueError(f"text: {text.shape[0]} texts for {image.shape[0]} images; pairs must align")
+
+    world = _distributed_world(group)
+    if world == 1:
+        if kind == "sigmoid":
+            return sigmoid_batch_loss(sigmoid_logits(image, text, logit_scale, logit_bias))
+        return softmax_batch_loss(softmax_logits(image, text, logit_scale))
+
+    if check_batch_sizes:
+        _check_equal_local_batches(image.shape[0], group)
+    rows = image.shape[0]
+    offset = dist.get_rank(group) * rows
+    all_text = _GatherWithGradient.apply(text, group)
+    if kind == "sigmoid":
+        logits = sigmoid_logits(image, all_text, logit_scale, logit_bias)
+        share = _sigmoid_pair_losses_at(logits, offset).sum() / rows
+    else:
+        all_image = _GatherWithGradient.apply(image, group)
+        labels = torch.arange(rows, device=image.device) + offset
+        image_to_text = softmax_logits(image, all_text, logit_scale)
+        text_to_image = softmax_logits(text, all_image, logit_scale)
+        share = (
+            functional.cross_entropy(image_to_text, labels, reduction="sum")
+            + functional.cross_entropy(text_to_image, labels, reduction="sum")
+        ) / (2 * rows)
+
+    global_value = share.detach().clone()
+    dist.all_reduce(global_value, op=dist.ReduceOp.SUM, group=group)
+    global_value /= world
+    return share + (global_value - share.detach())

@@ -1,0 +1,327 @@
+"""Batch selection: pick ``b`` of the ``B`` scored super-batch pairs to train on (JEST and baselines).
+
+All functions are pure torch on the device of their inputs, run without gradient, and take an optional
+``torch.Generator`` so a selection seeded by (seed, step, rank) is reproducible.
+
+Joint selection (``jest``, ``hard_learner``, ``easy_reference``) samples ``b`` items in ``n_chunks``
+chunks (JEST.md). Chunk 1 is drawn with ``p ∝ exp(c(k|∅))``, every later chunk with ``p ∝ exp(c(k|A))``
+where ``A`` is everything selected so far; within a chunk items are drawn without replacement by
+Gumbel top-k (``topk(c + Gumbel)``), so raw scores are never exponentiated and cannot overflow. Already
+selected items are masked to ``-inf``.
+
+* Sigmoid loss: the learnability of ``A`` is ``Σ_{i,j∈A} S_ij`` with ``S = M^θ - M^θ*`` (per-pair losses),
+  so ``c(k|A) = S_kk + Σ_{j∈A} S_kj + Σ_{j∈A} S_jk``, kept incrementally with ``index_select`` of the new
+  chunk's rows and columns (O(B·k) per chunk).
+* Softmax loss: the CLIP loss does not decompose into pairs; :func:`softmax_incremental_cost` is the exact
+  change of the *summed* CLIP loss ``Lsum(A) = Σ_{i∈A} CE_row_i + Σ_{j∈A} CE_col_j = 2|A|·softmax_batch_loss``
+  when ``k`` joins ``A``: its own positive, the log-sum-exp of its row and column over ``A+{k}``, and the
+  growth of every selected row's and column's partition function. ``c(k|A)`` is that change for the
+  learner minus that for the reference (O(B·|A|) per chunk). A single pair has zero CLIP loss, so
+  ``c(k|∅) = 0`` and the first softmax chunk is uniform; the joint signal starts with chunk 2.
+
+Independent baseline ``learnability_topk`` scores each example alone and keeps the top ``b``: for the
+sigmoid loss ``S_kk`` (the pair's loss in a batch of one), for the softmax loss the per-example
+``(CE_row_k + CE_col_k)/2`` over the whole super-batch, learner minus reference (a batch of one has no
+softmax loss, so the super-batch supplies the negatives). ``uniform`` takes a random ``b`` of ``B``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor
+from torch.nn import functional
+
+from jest_trainer.config import SELECTION_METHODS
+from jest_trainer.losses import LOSS_KINDS, sigmoid_pair_losses
+
+METHODS: tuple[str, ...] = SELECTION_METHODS
+JOINT_METHODS: tuple[str, ...] = ("jest", "hard_learner", "easy_reference")
+
+
+class _ConditionalScorer(Protocol):
+    """What the chunked sampler needs: c(k|A) for every k, and a way to grow A."""
+
+    def scores(self) -> Tensor: ...
+
+    def add(self, indices: Tensor) -> None: ...
+
+
+def _validate_scores(name: str, matrix: Tensor) -> None:
+    if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"{name}: expected a square [B, B] matrix, got shape {tuple(matrix.shape)}")
+    if matrix.shape[0] == 0:
+        raise ValueError(f"{name}: the super-batch is empty")
+    if not bool(torch.isfinite(matrix).all()):
+        raise ValueError(f"{name}: contains NaN or infinite values")
+
+
+def _validate_sizes(super_batch: int, batch_size: int, n_chunks: int | None) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    if batch_size > super_batch:
+        raise ValueError(f"batch_size: {batch_size} exceeds the super-batch size {super_batch}")
+    if n_chunks is None:
+        return
+    if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1:
+        raise ValueError(f"n_chunks: expected a positive integer, got {n_chunks!r}")
+    if batch_size % n_chunks:
+        raise ValueError(f"n_chunks: batch_size {batch_size} is not divisible by n_chunks {n_chunks}")
+
+
+def _working_dtype(matrix: Tensor) -> torch.dtype:
+    return torch.float64 if matrix.dtype == torch.float64 else torch.float32
+
+
+def _gumbel_noise(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard Gumbel noise ``-log(-log U)``; U is clamped away from 0 so every draw is finite."""
+    uniform = torch.rand(shape, generator=generator, device=like.device, dtype=like.dtype)
+    uniform.clamp_(min=torch.finfo(like.dtype).tiny)
+    return -torch.log(-torch.log(uniform))
+
+
+def _chunked_sample(
+    scorer: _ConditionalScorer,
+    super_batch: int,
+    batch_size: int,
+    n_chunks: int,
+    like: Tensor,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Draw ``n_chunks`` chunks of ``batch_size // n_chunks`` by Gumbel top-k of c(k|A), masking A."""
+    per_chunk = batch_size // n_chunks
+    noise = _gumbel_noise((n_chunks, super_batch), like, generator)
+    selected = torch.zeros(super_batch, dtype=torch.bool, device=like.device)
+    chunks: list[Tensor] = []
+    for chunk in range(n_chunks):
+        perturbed = scorer.scores().masked_fill(selected, -math.inf) + noise[chunk]
+        indices = torch.topk(perturbed, per_chunk, sorted=False).indices
+        chunks.append(indices)
+        selected[indices] = True
+        if chunk + 1 < n_chunks:
+            scorer.add(indices)
+    return torch.cat(chunks)
+
+
+class _PairwiseScorer:
+    """c(k|A) = S_kk + Σ_{j∈A} (S_kj + S_jk), updated with the new chunk's columns and rows only."""
+
+    def __init__(self, scores: Tensor) -> None:
+        self._scores = scores
+        self._conditional = scores.diagonal().clone()
+
+    def scores(self) -> Tensor:
+        return self._conditional
+
+    def add(self, indices: Tensor) -> None:
+        self._conditional += self._scores.index_select(1, indices).sum(dim=1)
+        self._conditional += self._scores.index_select(0, indices).sum(dim=0)
+
+
+class _SoftmaxCost:
+    """Exact change of the summed CLIP loss Lsum(A) when each candidate k joins the selected set A.
+
+    Keeps, for every item k, ``row_lse[k] = LSE_{j∈A} L_kj`` and ``col_lse[k] = LSE_{i∈A} L_ik`` (which for
+    k ∈ A are the selected rows' and columns' log partition functions), and the selected indices.
+    """
+
+    def __init__(self, logits: Tensor) -> None:
+        self._logits = logits
+        size = logits.shape[0]
+        self._row_lse = torch.full((size,), -math.inf, dtype=logits.dtype, device=logits.device)
+        self._col_lse = torch.full((size,), -math.inf, dtype=logits.dtype, device=logits.device)
+        self._selected = torch.empty(0, dtype=torch.long, device=logits.device)
+        self._diagonal = logits.diagonal()
+
+    def add(self, indices: Tensor) -> None:
+        self._row_lse = torch.logaddexp(self._row_lse, self._logits.index_select(1, indices).logsumexp(dim=1))
+        self._col_lse = torch.logaddexp(self._col_lse, self._logits.index_select(0, indices).logsumexp(dim=0))
+        self._selected = torch.cat([self._selected, indices])
+
+    def cost(self) -> Tensor:
+        """Lsum(A+{k}) - Lsum(A) for every k (meaningless for k already in A; callers mask those)."""
+        own_row = torch.logaddexp(self._row_lse, self._diagonal)
+        own_col = torch.logaddexp(self._col_lse, self._diagonal)
+        change = own_row + own_col - 2 * self._diagonal
+        if self._selected.numel():
+            selected = self._selected
+            # Row i ∈ A gains column k: LSE grows by softplus(L_ik - LSE_i); likewise column j ∈ A gains row k.
+            rows_gain = functional.softplus(self._logits.index_select(0, selected) - self._row_lse[selected, None])
+            cols_gain = functional.softplus(self._logits.index_select(1, selected) - self._col_lse[None, selected])
+            change = change + rows_gain.sum(dim=0) + cols_gain.sum(dim=1)
+        return change
+
+
+class _SoftmaxScorer:
+    """c(k|A) = Σ sign · (Lsum(A+{k}) - Lsum(A)) over the given models (learner +1, reference -1)."""
+
+    def __init__(self, terms: list[tuple[float, Tensor]]) -> None:
+        self._terms = [(sign, _SoftmaxCost(logits)) for sign, logits in terms]
+
+    def scores(self) -> Tensor:
+        total = None
+        for sign, cost in self._terms:
+            term = cost.cost() if sign > 0 else -cost.cost()
+            total = term if total is None else total + term
+        assert total is not None
+        return total
+
+    def add(self, indices: Tensor) -> None:
+        for _, cost in self._terms:
+            cost.add(indices)
+
+
+def softmax_incremental_cost(logits: Tensor, selected: Tensor) -> Tensor:
+    """Exact ``Lsum(A+{k}) - Lsum(A)`` for every k, with Lsum the summed CLIP loss and ``A = selected``.
+
+    ``Lsum(A) = 2|A|·softmax_batch_loss(logits[A][:, A])`` (and ``Lsum(∅) = 0``). Entries for k already in A are
+    not meaningful. This is the quantity :func:`jest_select_softmax` samples with, exposed for tests and
+    diagnostics.
+    """
+    _validate_scores("logits", logits)
+    with torch.no_grad():
+        cost = _SoftmaxCost(logits.detach().to(_working_dtype(logits)))
+        if selected.numel():
+            cost.add(selected.to(device=logits.device, dtype=torch.long))
+        return cost.cost()
+
+
+def jest_select(
+    scores: Tensor, batch_size: int, n_chunks: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """JEST joint sampling from a pairwise score matrix ``S`` (e.g. ``M^θ - M^θ*``); returns ``b`` unique indices.
+
+    Chunk 1 ∝ ``exp(S_kk)``, chunk n ∝ ``exp(S_kk + Σ_{j∈A} S_kj + Σ_{j∈A} S_jk)`` over unselected k, each
+    chunk without replacement (Gumbel top-k). Indices come back in selection order as a LongTensor on
+    ``scores.device``; the same generator state gives the same selection.
+    """
+    _validate_scores("scores", scores)
+    _validate_sizes(scores.shape[0], batch_size, n_chunks)
+    with torch.no_grad():
+        working = scores.detach().to(_working_dtype(scores))
+        return _chunked_sample(_PairwiseScorer(working), scores.shape[0], batch_size, n_chunks, working, generator)
+
+
+def _softmax_joint(
+    terms: list[tuple[float, Tensor]], batch_size: int, n_chunks: int, generator: torch.Generator | None
+) -> Tensor:
+    size = terms[0][1].shape[0]
+    _validate_sizes(size, batch_size, n_chunks)
+    with torch.no_grad():
+        working = [(sign, logits.detach().to(_working_dtype(logits))) for sign, logits in terms]
+        scorer = _SoftmaxScorer(working)
+        return _chunked_sample(scorer, size, batch_size, n_chunks, working[0][1], generator)
+
+
+def jest_select_softmax(
+    learner_logits: Tensor,
+    reference_logits: Tensor,
+    batch_size: int,
+    n_chunks: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """JEST joint sampling for the softmax (CLIP) loss, with the exact incremental learnability.
+
+    ``c(k|A) = Δ^θ(k|A) - Δ^θ*(k|A)`` with Δ from :func:`softmax_incremental_cost`; chunked Gumbel top-k as in
+    :func:`jest_select`. ``c(k|∅) = 0``, so the first chunk is uniform.
+    """
+    _validate_scores("learner_logits", learner_logits)
+    _validate_scores("reference_logits", reference_logits)
+    if learner_logits.shape != reference_logits.shape:
+        raise ValueError(
+            f"reference_logits: shape {tuple(reference_logits.shape)} differs from learner_logits "
+            f"{tuple(learner_logits.shape)}"
+        )
+    return _softmax_joint([(1.0, learner_logits), (-1.0, reference_logits)], batch_size, n_chunks, generator)
+
+
+def _per_example_softmax_loss(logits: Tensor) -> Tensor:
+    """(CE of row k + CE of column k) / 2 over the whole super-batch, per example k."""
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    rows = functional.cross_entropy(logits, labels, reduction="none")
+    cols = functional.cross_entropy(logits.T, labels, reduction="none")
+    return (rows + cols) / 2
+
+
+def _top(scores: Tensor, batch_size: int) -> Tensor:
+    return torch.topk(scores, batch_size, sorted=True).indices
+
+
+def _require(method: str, name: str, logits: Tensor | None) -> Tensor:
+    if logits is None:
+        raise ValueError(f"{name}: required by selection method {method!r}")
+    _validate_scores(name, logits)
+    return logits
+
+
+def select_batch(
+    method: str,
+    *,
+    learner_logits: Tensor | None,
+    reference_logits: Tensor | None,
+    loss: Literal["sigmoid", "softmax"],
+    batch_size: int,
+    n_chunks: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Choose ``batch_size`` indices of a super-batch with the named method (one of :data:`METHODS`).
+
+    ``learner_logits`` / ``reference_logits`` are the super-batch logit matrices (already scaled, and
+    biased for the sigmoid loss) of the learner and the frozen reference. Which are required:
+    ``jest`` and ``learnability_topk`` both, ``hard_learner`` the learner's, ``easy_reference`` the
+    reference's, ``uniform`` neither (it only reads B from whichever is given; with both None it raises).
+    ``n_chunks`` is used by the joint methods and must divide ``batch_size`` for them.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method: unknown selection method {method!r}; expected one of {METHODS}")
+    if loss not in LOSS_KINDS:
+        raise ValueError(f"loss: expected one of {LOSS_KINDS}, got {loss!r}")
+
+    if method == "uniform":
+        given = learner_logits if learner_logits is not None else reference_logits
+        if given is None:
+            raise ValueError(
+                "learner_logits: 'uniform' needs learner_logits or reference_logits for the super-batch size"
+            )
+        if given.dim() != 2 or given.shape[0] != given.shape[1]:
+            raise ValueError(f"learner_logits: expected a square [B, B] matrix, got shape {tuple(given.shape)}")
+        _validate_sizes(given.shape[0], batch_size, None)
+        return torch.randperm(given.shape[0], generator=generator, device=given.device)[:batch_size]
+
+    learner = _require(method, "learner_logits", learner_logits) if method != "easy_reference" else None
+    reference = _require(method, "reference_logits", reference_logits) if method != "hard_learner" else None
+    if learner is not None and reference is not None and learner.shape != reference.shape:
+        raise ValueError(
+            f"reference_logits: shape {tuple(reference.shape)} differs from learner_logits {tuple(learner.shape)}"
+        )
+
+    if method == "learnability_topk":
+        assert learner is not None and reference is not None
+        _validate_sizes(learner.shape[0], batch_size, None)
+        with torch.no_grad():
+            learner_w = learner.detach().to(_working_dtype(learner))
+            reference_w = reference.detach().to(_working_dtype(reference))
+            if loss == "sigmoid":
+                scores = sigmoid_pair_losses(learner_w).diagonal() - sigmoid_pair_losses(reference_w).diagonal()
+            else:
+                scores = _per_example_softmax_loss(learner_w) - _per_example_softmax_loss(reference_w)
+            return _top(scores, batch_size)
+
+    terms: list[tuple[float, Tensor]] = []
+    if learner is not None:
+        terms.append((1.0, learner))
+    if reference is not None:
+        terms.append((-1.0, reference))
+
+    if loss == "softmax":
+        return _softmax_joint(terms, batch_size, n_chunks, generator)
+    with torch.no_grad():
+        pair_scores = None
+        for sign, logits in terms:
+            term = sigmoid_pair_losses(logits.detach().to(_working_dtype(logits)))
+            term = term if sign > 0 else -term
+            pair_scores = term if pair_scores is None else pair_scores + term
+        assert pair_scores is not None
+        return jest_select(pair_scores, batch_size, n_chunks, generator)
