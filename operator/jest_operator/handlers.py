@@ -1,0 +1,369 @@
+"""Kopf handlers: thin wiring of observe -> plan -> apply -> ONE status patch.
+
+Every trigger ends in :func:`request_reconcile` for one job, which runs :func:`reconcile_job` in a worker
+thread: GET the job, LIST its pods (and ConfigMap/Service names), scrape the workers' metrics, call the
+pure :func:`jest_operator.status.plan` (or :func:`~jest_operator.status.invalid_spec_plan` when
+:func:`jest_operator.api.parse_job` raises ``InvalidSpec``), apply the plan through
+:mod:`jest_operator.kube`, and merge-patch the status once, only if it changed. Events are posted with
+``kopf.event`` (stable reasons from ``status.REASONS``). Reconciles of one job never overlap: a per-job
+lock serialises them and triggers arriving meanwhile coalesce into one more run.
+
+Triggers:
+* ``on.create`` / ``on.resume`` / ``on.update`` of the job, and ``on.field('spec.runPolicy.suspend')``;
+* ``on.event`` of the job: bookkeeping of known jobs and, on deletion, removal of its children (owner
+  references let a real cluster's garbage collector do it; this covers clusters/emulators without one
+  and an operator that was down);
+* ``on.event`` of pods labelled ``app.kubernetes.io/managed-by=jest-operator``: fast reaction to phases;
+* a resync loop (every ``resync_seconds``, default 5 s) over every known job: level-based progress,
+  deadlines, TTLs and metrics scraping. It is an operator-level task rather than ``@kopf.timer`` because
+  Kopf timers (and daemons) put a finalizer on every job, and the operator is finalizer-free: deleting a
+  job never blocks on the operator being up.
+
+Settings: Kopf's progress and diff-base live in annotations with our prefix (``jest.training/``), never
+in ``status`` (the structural schema would prune it); peering is off unless ``jest-operator --peering``
+names a KopfPeering object (the chart ships the CRDs). ``@kopf.on.login`` uses ``$KUBECONFIG`` when set
+(the kubernetes client reads it only at import time), else the in-cluster service account.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import datetime as dt
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from jest_operator import progress as progress_module
+from jest_operator.api import (
+    GROUP,
+    LABEL_JOB_NAME,
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
+    PLURAL,
+    VERSION,
+    InvalidSpec,
+    JESTTrainingJobStatus,
+    parse_job,
+)
+from jest_operator.kube import KubeClient
+from jest_operator.operator_metrics import OperatorMetrics
+from jest_operator.status import (
+    Plan,
+    TrainerProgress,
+    invalid_spec_plan,
+    merge_patch,
+    plan,
+)
+
+LOG = logging.getLogger("jest_operator")
+ANNOTATION_PREFIX = "jest.training"
+FINALIZER = f"{ANNOTATION_PREFIX}/finalizer"
+
+
+@dataclass
+class OperatorConfig:
+    """Knobs ``main.py`` sets before Kopf starts (environment variables give the defaults)."""
+
+    metrics_port: int | None = None
+    resync_seconds: float = float(os.environ.get("JEST_OPERATOR_RESYNC_SECONDS", "5"))
+    scrape_timeout_seconds: float = 1.0
+    max_parallel_reconciles: int = 16
+
+
+@dataclass
+class _JobState:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    dirty: bool = False
+    phase: str | None = None
+
+
+@dataclass
+class _Runtime:
+    """Process-wide state of the running operator (one Kopf operator per process)."""
+
+    kube: KubeClient | None = None
+    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
+    jobs: dict[tuple[str, str], _JobState] = field(default_factory=dict)
+    executor: concurrent.futures.ThreadPoolExecutor | None = None
+    resync_task: asyncio.Task | None = None
+    last_resync: float = field(default_factory=time.monotonic)
+    kopf_context: contextvars.Context | None = None
+
+
+CONFIG = OperatorConfig()
+RUNTIME = _Runtime()
+
+
+@dataclass
+class ReconcileResult:
+    """What one reconcile did: ``outcome`` is ok | invalid | gone; ``body`` the job as read (for events)."""
+
+    outcome: str
+    body: dict | None = None
+    plan: Plan | None = None
+    phase: str | None = None
+
+
+def sanitize_status(raw: Any) -> dict[str, Any]:
+    """The stored status reduced to what this version's model accepts (bad fields dropped, never raises)."""
+    if not isinstance(raw, Mapping):
+        return {}
+    known = {info.alias or name for name, info in JESTTrainingJobStatus.model_fields.items()}
+    kept: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            continue
+        try:
+            JESTTrainingJobStatus.model_validate({key: value})
+        except (ValidationError, TypeError, ValueError):
+            continue
+        kept[key] = value
+    try:
+        return JESTTrainingJobStatus.model_validate(kept).model_dump(mode="json", by_alias=True, exclude_none=True)
+    except (ValidationError, TypeError, ValueError):
+        return {}
+
+
+def decide(
+    body: Mapping[str, Any],
+    pods: list[dict],
+    *,
+    existing_children: set[str] | None,
+    progress: TrainerProgress | None,
+    now: dt.datetime,
+) -> tuple[str, Plan]:
+    """Pure entry point of a reconcile: a raw job body + observations -> (outcome, plan); never raises on bad input.
+
+    ``outcome`` is ``invalid`` when the spec fails :func:`parse_job` (the plan then sets Failed/InvalidSpec and
+    deletes the job's pods, creating nothing), else ``ok``.
+    """
+    previous = sanitize_status(body.get("status"))
+    metadata = body.get("metadata") if isinstance(body.get("metadata"), Mapping) else {}
+    generation = metadata.get("generation") if isinstance(metadata.get("generation"), int) else None
+    try:
+        job = parse_job({key: value for key, value in body.items() if key != "status"})
+    except InvalidSpec as error:
+        result = invalid_spec_plan(previous, field_path=error.field, message=error.message, generation=generation,
+                                   now=now)
+        names = tuple(str((p.get("metadata") or {}).get("name")) for p in pods)
+        return "invalid", Plan(**{**result.__dict__, "delete_pods": names})
+    return "ok", plan(job, pods, progress, now, existing_children=existing_children, previous_status=previous)
+
+
+def reconcile_job(
+    kube: KubeClient,
+    namespace: str,
+    name: str,
+    *,
+    now: dt.datetime | None = None,
+    read_progress: Callable[..., TrainerProgress | None] = progress_module.read_progress,
+    scrape_timeout: float = 1.0,
+) -> ReconcileResult:
+    """Observe, plan and apply one job (blocking; runs in a worker thread). See the module docstring."""
+    body = kube.get_job(namespace, name)
+    if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+        kube.delete_children(namespace, name)
+        return ReconcileResult("gone", body)
+    pods = kube.list_pods(namespace, name)
+    existing = kube.list_child_names(namespace, name)
+    steps = ((body.get("spec") or {}).get("training") or {}).get("steps")
+    progress = read_progress(pods, total_steps=steps if isinstance(steps, int) else None, timeout=scrape_timeout)
+    outcome, the_plan = decide(
+        body, pods, existing_children=existing, progress=progress, now=now or dt.datetime.now(dt.UTC)
+    )
+    apply_plan(kube, namespace, name, body, the_plan)
+    return ReconcileResult(outcome, body, the_plan, the_plan.status.get("phase"))
+
+
+def apply_plan(kube: KubeClient, namespace: str, name: str, body: Mapping[str, Any], the_plan: Plan) -> None:
+    """Apply a plan: spec patch, pod deletions, creations (409 = fine), ONE status patch if changed, TTL delete."""
+    if the_plan.spec_patch:
+        kube.patch_spec(namespace, name, the_plan.spec_patch)
+    for pod_name in the_plan.delete_pods:
+        kube.delete_pod(namespace, pod_name, the_plan.delete_grace_seconds)
+    for child in the_plan.create:
+        kube.create(child)
+    stored = body.get("status") if isinstance(body.get("status"), Mapping) else {}
+    patch = merge_patch(stored, the_plan.status)
+    if patch:
+        kube.patch_status(namespace, name, patch)
+    if the_plan.delete_job:
+        kube.delete_job(namespace, name)
+        kube.delete_children(namespace, name)
+
+
+# ---------------------------------------------------------------------------------------------- async side
+async def request_reconcile(namespace: str, name: str, *, raise_errors: bool = False) -> None:
+    """Reconcile one job now, or mark it dirty if a reconcile of it is running (it then runs once more)."""
+    key = (namespace, name)
+    state = RUNTIME.jobs.setdefault(key, _JobState())
+    if state.lock.locked():
+        state.dirty = True
+        return
+    async with state.lock:
+        while True:
+            state.dirty = False
+            await _reconcile_once(namespace, name, raise_errors=raise_errors)
+            if not state.dirty:
+                break
+
+
+async def _reconcile_once(namespace: str, name: str, *, raise_errors: bool) -> None:
+    kube = RUNTIME.kube
+    if kube is None:
+        raise kopf.TemporaryError("the operator has not finished starting", delay=1)
+    started = time.monotonic()
+    loop = asyncio.get_running_loop()
+    try:
+        result = await loop.run_in_executor(
+            RUNTIME.executor,
+            lambda: reconcile_job(kube, namespace, name, scrape_timeout=CONFIG.scrape_timeout_seconds),
+        )
+    except Exception as error:
+        RUNTIME.metrics.observe_reconcile("error", time.monotonic() - started)
+        LOG.warning("reconcile of %s/%s failed: %s", namespace, name, error)
+        if raise_errors:
+            raise kopf.TemporaryError(f"reconcile failed: {error}", delay=2) from error
+        return
+    RUNTIME.metrics.observe_reconcile(result.outcome, time.monotonic() - started)
+    if result.outcome == "gone":
+        RUNTIME.jobs.pop((namespace, name), None)
+    else:
+        RUNTIME.jobs.setdefault((namespace, name), _JobState()).phase = result.phase
+    RUNTIME.metrics.set_phases({key: state.phase for key, state in RUNTIME.jobs.items()})
+    if result.plan is not None and result.body is not None:
+        if result.plan.restarted:
+            RUNTIME.metrics.gang_restarted()
+        for event in result.plan.events:
+            _post_event(result.body, event.type, event.reason, event.message)
+
+
+def _post_event(body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    """Post a Kubernetes event through Kopf's poster, also from the resync task (outside handler contexts)."""
+    def post() -> None:
+        kopf.event(dict(body), type=type_, reason=reason, message=message)
+
+    try:
+        post()
+    except LookupError:
+        if RUNTIME.kopf_context is None:
+            LOG.info("event %s on %s not posted (no Kopf context yet): %s", reason,
+                     (body.get("metadata") or {}).get("name"), message)
+            return
+        RUNTIME.kopf_context.run(post)
+
+
+async def _resync_loop() -> None:
+    """Reconcile every known job every ``CONFIG.resync_seconds`` (bounded parallelism)."""
+    semaphore = asyncio.Semaphore(CONFIG.max_parallel_reconciles)
+
+    async def one(namespace: str, name: str) -> None:
+        async with semaphore:
+            await request_reconcile(namespace, name)
+
+    while True:
+        RUNTIME.last_resync = time.monotonic()
+        keys = list(RUNTIME.jobs)
+        if keys:
+            await asyncio.gather(*(one(ns, name) for ns, name in keys), return_exceptions=True)
+        await asyncio.sleep(CONFIG.resync_seconds)
+
+
+# ---------------------------------------------------------------------------------------------- Kopf
+@kopf.on.login()
+def login(**kwargs: Any) -> Any:
+    """``$KUBECONFIG`` when set (the kubernetes client only reads it at import), else the service account."""
+    if os.environ.get("KUBECONFIG"):
+        return kopf.login_with_kubeconfig(**kwargs)
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    """Settings (annotation persistence, no finalizers needed), the API client, metrics and the resync loop."""
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = FINALIZER
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 600
+    settings.watching.client_timeout = 660
+    settings.networking.request_timeout = 30
+    RUNTIME.executor = concurrent.futures.ThreadPoolExecutor(
+        max_workers=CONFIG.max_parallel_reconciles, thread_name_prefix="reconcile"
+    )
+    loop = asyncio.get_running_loop()
+    RUNTIME.kube = await loop.run_in_executor(RUNTIME.executor, KubeClient.from_environment)
+    if CONFIG.metrics_port is not None:
+        port = RUNTIME.metrics.serve(CONFIG.metrics_port)
+        LOG.info("operator metrics on :%d/metrics", port)
+    RUNTIME.resync_task = asyncio.create_task(_resync_loop(), name="jest-resync")
+
+
+@kopf.on.cleanup()
+async def cleanup(**_: Any) -> None:
+    """Stop the resync loop and the worker threads."""
+    if RUNTIME.resync_task is not None:
+        RUNTIME.resync_task.cancel()
+        RUNTIME.resync_task = None
+    if RUNTIME.executor is not None:
+        RUNTIME.executor.shutdown(wait=False, cancel_futures=True)
+        RUNTIME.executor = None
+
+
+@kopf.on.probe(id="resync")
+def resync_probe(**_: Any) -> float:
+    """Liveness: seconds since the resync loop last ran; fails when it is stuck."""
+    age = time.monotonic() - RUNTIME.last_resync
+    if RUNTIME.resync_task is not None and RUNTIME.resync_task.done():
+        raise kopf.PermanentError("the resync loop has stopped")
+    if age > max(60.0, 12 * CONFIG.resync_seconds):
+        raise kopf.TemporaryError(f"the resync loop has not run for {age:.0f} s")
+    return round(age, 3)
+
+
+@kopf.on.create(GROUP, VERSION, PLURAL, id="reconcile-create")
+@kopf.on.resume(GROUP, VERSION, PLURAL, id="reconcile-resume")
+@kopf.on.update(GROUP, VERSION, PLURAL, id="reconcile-update")
+async def on_job_change(namespace: str, name: str, **_: Any) -> None:
+    """The spec changed (or the operator restarted): reconcile now; API errors make Kopf retry."""
+    await request_reconcile(namespace, name, raise_errors=True)
+
+
+@kopf.on.field(GROUP, VERSION, PLURAL, field="spec.runPolicy.suspend", id="suspend-changed")
+async def on_suspend_change(namespace: str, name: str, old: Any, new: Any, logger: logging.Logger,
+                            **_: Any) -> None:
+    """Suspend/resume (Kueue flips this field): react at once."""
+    logger.info("spec.runPolicy.suspend: %s -> %s", old, new)
+    await request_reconcile(namespace, name, raise_errors=True)
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL, id="job-events")
+async def on_job_event(type: str | None, namespace: str, name: str, **_: Any) -> None:
+    """Track known jobs for the resync loop; a deleted job's children are removed explicitly."""
+    if RUNTIME.kopf_context is None:
+        RUNTIME.kopf_context = contextvars.copy_context()
+    if type == "DELETED":
+        await request_reconcile(namespace, name)
+        RUNTIME.jobs.pop((namespace, name), None)
+        RUNTIME.metrics.set_phases({key: state.phase for key, state in RUNTIME.jobs.items()})
+    else:
+        RUNTIME.jobs.setdefault((namespace, name), _JobState())
+
+
+@kopf.on.event("", "v1", "pods", labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_JOB_NAME: kopf.PRESENT},
+               id="pod-events")
+async def on_pod_event(namespace: str, labels: Mapping[str, str], **_: Any) -> None:
+    """A worker pod changed: reconcile its job (coalesced with any reconcile already running)."""
+    job_name = labels.get(LABEL_JOB_NAME)
+    if job_name:
+        await request_reconcile(namespace, job_name)

@@ -1,0 +1,707 @@
+"""Pure reconciliation logic: (job, observed pods, trainer progress, now) -> what to do and the new status.
+
+Everything the operator decides lives here as plain functions over plain data, so every transition is
+unit-tested without a cluster. ``handlers.py`` only observes (GET the job, LIST its pods, scrape rank 0),
+calls :func:`plan`, and applies the returned :class:`Plan` (create/delete children, ONE status patch,
+events, an optional spec patch, an optional delete of the job).
+
+The state machine (DESIGN.md §3, §6):
+
+* **Pending** -- children are created (ConfigMap, headless Service, one pod per node, all labelled with
+  the gang attempt); the job is Pending until every pod of the current attempt runs.
+* **Running** -- every pod of the current attempt runs.
+* **Restarting** -- a pod failed (or vanished while the gang ran) and ``restarts < backoffLimit``: every
+  pod is deleted, ``restarts`` (= the gang attempt) increments, and the next reconcile recreates the gang
+  once the old pods are gone (pod names are stable, so creation waits for deletion).
+* **Suspended** -- ``spec.runPolicy.suspend`` (Kueue sets it) or an energy budget with
+  ``onBudgetExceeded: Suspend``: every pod is deleted with its grace period, so the trainer checkpoints on
+  SIGTERM; ``startTime`` is cleared like a Kubernetes Job's, so ``activeDeadlineSeconds`` counts active
+  time only. Resuming recreates the pods, which resume from the newest checkpoint.
+* **Succeeded** -- rank 0 succeeded and no pod of the attempt failed.
+* **Failed** -- backoff exhausted (``BackoffLimitExceeded``, with the failed pod's reason and message),
+  ``activeDeadlineSeconds`` passed (``DeadlineExceeded``), energy budget spent with ``onBudgetExceeded:
+  Fail`` (``EnergyBudgetExceeded``) or a spec the schema could not reject (``InvalidSpec``, see
+  :func:`invalid_spec_plan`; fixing the spec leaves this state).
+
+Finished jobs apply ``cleanPodPolicy`` (None keeps every pod, Running deletes pods still pending or
+running, All deletes every pod); a deadline or a budget failure always stops active pods, as those are
+what the limit is about. ``ttlSecondsAfterFinished`` then deletes the job itself.
+
+Conditions keep ``lastTransitionTime`` unless their ``status`` flips; events carry stable reasons
+(:data:`REASONS`). Energy figures always carry ``method`` and ``source`` from the trainer's meter.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+PHASE_PENDING = "Pending"
+PHASE_RUNNING = "Running"
+PHASE_RESTARTING = "Restarting"
+PHASE_SUSPENDED = "Suspended"
+PHASE_SUCCEEDED = "Succeeded"
+PHASE_FAILED = "Failed"
+PHASES: tuple[str, ...] = (
+    PHASE_PENDING,
+    PHASE_RUNNING,
+    PHASE_RESTARTING,
+    PHASE_SUSPENDED,
+    PHASE_SUCCEEDED,
+    PHASE_FAILED,
+)
+FINISHED_PHASES: frozenset[str] = frozenset({PHASE_SUCCEEDED, PHASE_FAILED})
+
+CONDITION_TYPES: tuple[str, ...] = ("Created", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
+
+# Stable event / condition reasons (users alert on them; never rename one).
+REASON_CREATED = "Created"
+REASON_PODS_PENDING = "PodsPending"
+REASON_ALL_PODS_RUNNING = "AllPodsRunning"
+REASON_POD_FAILED = "PodFailed"
+REASON_POD_MISSING = "PodMissing"
+REASON_RESTARTING = "Restarting"
+REASON_RECOVERED = "Recovered"
+REASON_SUSPENDED = "Suspended"
+REASON_RESUMED = "Resumed"
+REASON_SUCCEEDED = "Succeeded"
+REASON_BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+REASON_DEADLINE_EXCEEDED = "DeadlineExceeded"
+REASON_ENERGY_BUDGET_NEARLY_SPENT = "EnergyBudgetNearlySpent"
+REASON_ENERGY_BUDGET_EXCEEDED = "EnergyBudgetExceeded"
+REASON_INVALID_SPEC = "InvalidSpec"
+REASON_SPEC_FIXED = "SpecFixed"
+REASON_TTL_EXPIRED = "TTLExpired"
+REASONS: tuple[str, ...] = (
+    REASON_CREATED,
+    REASON_PODS_PENDING,
+    REASON_ALL_PODS_RUNNING,
+    REASON_POD_FAILED,
+    REASON_POD_MISSING,
+    REASON_RESTARTING,
+    REASON_RECOVERED,
+    REASON_SUSPENDED,
+    REASON_RESUMED,
+    REASON_SUCCEEDED,
+    REASON_BACKOFF_LIMIT_EXCEEDED,
+    REASON_DEADLINE_EXCEEDED,
+    REASON_ENERGY_BUDGET_NEARLY_SPENT,
+    REASON_ENERGY_BUDGET_EXCEEDED,
+    REASON_INVALID_SPEC,
+    REASON_SPEC_FIXED,
+    REASON_TTL_EXPIRED,
+)
+
+ENERGY_WARNING_FRACTION = 0.9
+JOULES_PER_KWH = 3.6e6
+LABEL_REPLICA_INDEX = "jest.training/replica-index"
+ANNOTATION_ATTEMPT = "jest.training/attempt"
+
+
+class ChildBuilder(Protocol):
+    """``jest_operator.builders.build_children``: the desired children of one gang attempt."""
+
+    def __call__(self, job: Any, *, attempt: int) -> list[dict]: ...
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    """A Kubernetes event to post on the job: ``type`` is Normal or Warning, ``reason`` one of REASONS."""
+
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class ObservedPod:
+    """The facts about one child pod that the state machine needs (see :func:`observe_pod`)."""
+
+    name: str
+    index: int
+    attempt: int
+    phase: str
+    ready: bool
+    terminating: bool
+    reason: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class TrainerProgress:
+    """What the operator learned from the trainer (rank 0's metrics, or its progress file).
+
+    Every field is optional: an endpoint may be partial. ``energy_joules`` is the job's energy so far and
+    is only used together with ``energy_method`` and ``energy_source`` (never an unlabelled figure).
+    """
+
+    step: int | None = None
+    total_steps: int | None = None
+    examples_trained: float | None = None
+    examples_scored: float | None = None
+    observed_selection_ratio: float | None = None
+    last_eval_accuracy: float | None = None
+    loss: float | None = None
+    examples_per_second: float | None = None
+    step_seconds: float | None = None
+    selection_overhead_fraction: float | None = None
+    energy_joules: float | None = None
+    average_watts: float | None = None
+    energy_method: str | None = None
+    energy_source: str | None = None
+    checkpoint_step: int | None = None
+    checkpoint_path: str | None = None
+    checkpoint_time: str | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The outcome of one reconcile; ``handlers.py`` applies it in this order.
+
+    ``create``: child manifests to create (409 counts as success). ``delete_pods``: pod names to delete,
+    with ``delete_grace_seconds`` (None = the pod's own ``terminationGracePeriodSeconds``, so the trainer
+    can checkpoint on SIGTERM). ``spec_patch``: a merge patch of ``spec`` (energy-budget suspension).
+    ``status``: the complete new status block (patch it only when it differs from the old one).
+    ``delete_job``: the TTL after finishing has passed. ``requeue_after``: seconds until a time-driven
+    transition (deadline, TTL) is due, for the caller's timer. ``restarted``: a gang restart began.
+    """
+
+    status: dict[str, Any]
+    create: tuple[dict, ...] = ()
+    delete_pods: tuple[str, ...] = ()
+    delete_grace_seconds: int | None = None
+    events: tuple[EventSpec, ...] = ()
+    spec_patch: dict[str, Any] | None = None
+    delete_job: bool = False
+    requeue_after: float | None = None
+    restarted: bool = False
+
+
+def format_time(moment: dt.datetime) -> str:
+    """RFC 3339 in UTC with second precision, the Kubernetes wire format of timestamps."""
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: str | None) -> dt.datetime | None:
+    """Parse a Kubernetes timestamp (``...Z`` or with an offset); None or garbage gives None."""
+    if not value:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def observe_pod(pod: Mapping[str, Any]) -> ObservedPod:
+    """Reduce a pod manifest to :class:`ObservedPod`.
+
+    The replica index comes from the ``jest.training/replica-index`` label (else -1: not a valid rank), the
+    attempt from the ``jest.training/attempt`` annotation (else 0). ``ready`` is the pod's Ready condition;
+    ``reason``/``message`` come from the pod status or, failing that, its first terminated container.
+    """
+    metadata = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    labels = metadata.get("labels") or {}
+    annotations = metadata.get("annotations") or {}
+    index = _as_int(labels.get(LABEL_REPLICA_INDEX), -1)
+    attempt = _as_int(annotations.get(ANNOTATION_ATTEMPT), 0)
+    ready = any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
+    )
+    reason = str(status.get("reason") or "")
+    message = str(status.get("message") or "")
+    if not reason and not message:
+        for container in status.get("containerStatuses") or []:
+            terminated = (container.get("state") or {}).get("terminated") or {}
+            if terminated:
+                reason = str(terminated.get("reason") or f"ExitCode{terminated.get('exitCode', '?')}")
+                message = str(terminated.get("message") or "")
+                break
+    return ObservedPod(
+        name=str(metadata.get("name", "")),
+        index=index,
+        attempt=attempt,
+        phase=str(status.get("phase") or "Pending"),
+        ready=ready,
+        terminating=bool(metadata.get("deletionTimestamp")),
+        reason=reason,
+        message=message,
+    )
+
+
+def _as_int(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def status_dict(status: Any) -> dict[str, Any]:
+    """The job's current status as a camelCase dict, whatever form it came in (model, dict or None)."""
+    if status is None:
+        return {}
+    if hasattr(status, "model_dump"):
+        return status.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return copy.deepcopy(dict(status))
+
+
+def set_condition(
+    conditions: list[dict[str, Any]], type_: str, status: bool, reason: str, message: str, now: dt.datetime
+) -> None:
+    """Set one condition in place; ``lastTransitionTime`` changes only when its status flips."""
+    wire_status = "True" if status else "False"
+    for condition in conditions:
+        if condition.get("type") == type_:
+            if condition.get("status") != wire_status or not condition.get("lastTransitionTime"):
+                condition["lastTransitionTime"] = format_time(now)
+            condition.update(status=wire_status, reason=reason, message=message)
+            return
+    conditions.append(
+        {
+            "type": type_,
+            "status": wire_status,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": format_time(now),
+        }
+    )
+    order = {name: i for i, name in enumerate(CONDITION_TYPES)}
+    conditions.sort(key=lambda c: order.get(str(c.get("type")), len(order)))
+
+
+def get_condition(status: Mapping[str, Any], type_: str) -> dict[str, Any] | None:
+    """The condition of that type, or None."""
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == type_:
+            return condition
+    return None
+
+
+def condition_is_true(status: Mapping[str, Any], type_: str) -> bool:
+    """Whether the condition exists with status True."""
+    condition = get_condition(status, type_)
+    return condition is not None and condition.get("status") == "True"
+
+
+def merge_progress(status: dict[str, Any], progress: TrainerProgress | None, *, total_steps: int,
+                   carbon_intensity: float | None) -> None:
+    """Fold trainer progress into ``status`` in place (progress, throughput, energy, checkpoint).
+
+    Missing values keep what the status already had, so an unreachable or partial endpoint never erases
+    known progress. Energy joules never decrease (a restarted trainer's counters start again until it
+    restores its checkpoint). ``joulesPerExample`` = joules / examplesTrained; ``co2eGrams`` = kWh x the
+    configured carbon intensity. Energy is only written with its ``method`` and ``source``.
+    """
+    prog = dict(status.get("progress") or {})
+    prog.setdefault("totalSteps", total_steps)
+    thr = dict(status.get("throughput") or {})
+    energy = dict(status.get("energy") or {})
+    if progress is not None:
+        _put(prog, "step", progress.step)
+        _put(prog, "totalSteps", progress.total_steps)
+        _put(prog, "examplesTrained", _int_or_none(progress.examples_trained))
+        _put(prog, "examplesScored", _int_or_none(progress.examples_scored))
+        _put(prog, "observedSelectionRatio", progress.observed_selection_ratio)
+        _put(prog, "lastEvalAccuracy", progress.last_eval_accuracy)
+        _put(thr, "examplesPerSecond", progress.examples_per_second)
+        _put(thr, "stepSeconds", progress.step_seconds)
+        _put(thr, "selectionOverheadFraction", progress.selection_overhead_fraction)
+        if progress.energy_joules is not None and progress.energy_method and progress.energy_source:
+            energy["joules"] = max(float(energy.get("joules") or 0.0), float(progress.energy_joules))
+            energy["method"] = progress.energy_method
+            energy["source"] = progress.energy_source
+            _put(energy, "averageWatts", progress.average_watts)
+        if progress.checkpoint_step is not None and progress.checkpoint_path:
+            checkpoint = {"step": progress.checkpoint_step, "path": progress.checkpoint_path}
+            _put(checkpoint, "time", progress.checkpoint_time)
+            status["checkpoint"] = checkpoint
+    if "joules" in energy:
+        energy["kilojoules"] = round(float(energy["joules"]) / 1000.0, 3)
+        trained = prog.get("examplesTrained")
+        if trained:
+            energy["joulesPerExample"] = float(energy["joules"]) / float(trained)
+        if carbon_intensity is not None:
+            energy["co2eGrams"] = float(energy["joules"]) / JOULES_PER_KWH * carbon_intensity
+    status["progress"] = prog
+    if thr:
+        status["throughput"] = thr
+    if energy:
+        status["energy"] = energy
+
+
+def _put(target: dict[str, Any], key: str, value: Any) -> None:
+    if value is not None:
+        target[key] = value
+
+
+def _int_or_none(value: float | None) -> int | None:
+    return None if value is None else round(value)
+
+
+@dataclass
+class _JobFacts:
+    """The handful of spec fields the state machine reads (one place that knows the API's attribute names)."""
+
+    name: str
+    generation: int | None
+    num_nodes: int
+    total_steps: int
+    suspend: bool
+    backoff_limit: int
+    active_deadline_seconds: int | None
+    ttl_seconds_after_finished: int | None
+    clean_pod_policy: str
+    budget_joules: float | None
+    on_budget_exceeded: str
+    carbon_intensity: float | None
+
+    @classmethod
+    def of(cls, job: Any) -> _JobFacts:
+        spec = job.spec
+        policy = getattr(spec, "run_policy", None)
+        energy = getattr(spec, "energy", None)
+        return cls(
+            name=job.metadata.name,
+            generation=getattr(job.metadata, "generation", None),
+            num_nodes=int(spec.num_nodes),
+            total_steps=int(spec.training.steps),
+            suspend=bool(getattr(policy, "suspend", False)),
+            backoff_limit=int(getattr(policy, "backoff_limit", 3) or 0),
+            active_deadline_seconds=getattr(policy, "active_deadline_seconds", None),
+            ttl_seconds_after_finished=getattr(policy, "ttl_seconds_after_finished", None),
+            clean_pod_policy=str(getattr(policy, "clean_pod_policy", "Running") or "Running"),
+            budget_joules=getattr(energy, "budget_joules", None),
+            on_budget_exceeded=str(getattr(energy, "on_budget_exceeded", "Warn") or "Warn"),
+            carbon_intensity=getattr(energy, "carbon_intensity_grams_per_k_wh", None),
+        )
+
+
+@dataclass
+class _Draft:
+    """Mutable working state of one :func:`plan` call."""
+
+    status: dict[str, Any]
+    now: dt.datetime
+    events: list[EventSpec] = field(default_factory=list)
+    create: list[dict] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)
+
+    def condition(self, type_: str, value: bool, reason: str, message: str) -> None:
+        set_condition(self.status.setdefault("conditions", []), type_, value, reason, message, self.now)
+
+    def clear(self, type_: str, reason: str, message: str = "") -> None:
+        """Set a condition False, but only if it exists (no noise for conditions never raised)."""
+        if get_condition(self.status, type_) is not None:
+            self.condition(type_, False, reason, message)
+
+    def event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
+        self.events.append(EventSpec(type_, reason, message))
+
+    def delete_pods(self, pods: Iterable[ObservedPod]) -> None:
+        for pod in pods:
+            if not pod.terminating and pod.name not in self.delete:
+                self.delete.append(pod.name)
+
+
+def plan(
+    job: Any,
+    observed_pods: Iterable[Mapping[str, Any]],
+    progress: TrainerProgress | None,
+    now: dt.datetime,
+    *,
+    build_children: ChildBuilder | None = None,
+    existing_children: Iterable[str] | None = None,
+    previous_status: Mapping[str, Any] | None = None,
+) -> Plan:
+    """Decide the next step for one valid job (see the module docstring for the state machine).
+
+    ``job`` is a parsed ``jest_operator.api.JESTTrainingJob`` whose ``status`` is the last written one;
+    ``observed_pods`` are the job's pod manifests (label-selected); ``progress`` is what the trainer
+    reported (None when unreachable). ``build_children`` defaults to ``jest_operator.builders.build_children``;
+    ``existing_children`` are the names of existing ConfigMaps/Services of the job (None = unknown, then the
+    ConfigMap and Service are always in ``create`` and their 409 counts as success).
+    ``previous_status`` overrides ``job.status`` (the handler passes the raw stored status, which may hold
+    fields this version's model would reject).
+    """
+    if build_children is None:
+        from jest_operator.builders import build_children as default_builder
+
+        build_children = default_builder
+    facts = _JobFacts.of(job)
+    previous = status_dict(job.status if previous_status is None else previous_status)
+    draft = _Draft(status=copy.deepcopy(previous), now=now)
+    status = draft.status
+    if facts.generation is not None:
+        status["observedGeneration"] = facts.generation
+    status.setdefault("restarts", 0)
+    merge_progress(status, progress, total_steps=facts.total_steps, carbon_intensity=facts.carbon_intensity)
+
+    pods = sorted((observe_pod(p) for p in observed_pods), key=lambda p: (p.index, p.name))
+    attempt = int(status.get("restarts") or 0)
+    live = [p for p in pods if not p.terminating]
+    current = [p for p in live if p.attempt == attempt and 0 <= p.index < facts.num_nodes]
+    stale = [p for p in live if p not in current]
+    replicas = _replica_counts(current)
+    status["replicas"] = {**replicas, "total": facts.num_nodes}
+    status["nodes"] = f"{replicas['ready']}/{facts.num_nodes}"
+
+    phase = previous.get("phase")
+    if phase == PHASE_FAILED and _failed_reason(previous) == REASON_INVALID_SPEC:
+        draft.condition("Failed", False, REASON_SPEC_FIXED, "the spec is valid again")
+        draft.event("Normal", REASON_SPEC_FIXED, "the spec is valid again; reconciling")
+        phase = None
+        status["phase"] = PHASE_PENDING
+    if phase in FINISHED_PHASES:
+        return _finished(draft, facts, pods)
+
+    _energy_events(draft, facts, previous)
+    budget_spent = facts.budget_joules is not None and float(
+        (status.get("energy") or {}).get("joules") or 0.0
+    ) >= float(facts.budget_joules)
+
+    rank0 = next((p for p in current if p.index == 0), None)
+    failed = [p for p in current if p.phase == "Failed"]
+    if rank0 is not None and rank0.phase == "Succeeded" and not failed:
+        return _finish(draft, facts, pods, PHASE_SUCCEEDED, REASON_SUCCEEDED, "rank 0 finished training")
+
+    spec_patch: dict[str, Any] | None = None
+    suspend_reason = REASON_SUSPENDED
+    if budget_spent and facts.on_budget_exceeded == "Suspend" and not facts.suspend:
+        spec_patch = {"runPolicy": {"suspend": True}}
+        suspend_reason = REASON_ENERGY_BUDGET_EXCEEDED
+    if facts.suspend or spec_patch is not None:
+        return _suspend(draft, live, suspend_reason, spec_patch)
+    if phase == PHASE_SUSPENDED:
+        draft.condition("Suspended", False, REASON_RESUMED, "the job was resumed")
+        draft.event("Normal", REASON_RESUMED, "resumed; recreating the worker pods")
+        phase = PHASE_PENDING
+
+    if "startTime" not in status:
+        status["startTime"] = format_time(now)
+    requeue_after: float | None = None
+    if facts.active_deadline_seconds is not None:
+        started = parse_time(status.get("startTime")) or now
+        remaining = facts.active_deadline_seconds - (now - started).total_seconds()
+        if remaining <= 0:
+            message = f"the job was active longer than activeDeadlineSeconds ({facts.active_deadline_seconds} s)"
+            draft.delete_pods(p for p in live if p.phase in ("Pending", "Running", "Unknown"))
+            return _finish(draft, facts, pods, PHASE_FAILED, REASON_DEADLINE_EXCEEDED, message)
+        requeue_after = remaining
+    if budget_spent and facts.on_budget_exceeded == "Fail":
+        message = f"energy budget of {facts.budget_joules:.6g} J is spent"
+        draft.delete_pods(p for p in live if p.phase in ("Pending", "Running", "Unknown"))
+        return _finish(draft, facts, pods, PHASE_FAILED, REASON_ENERGY_BUDGET_EXCEEDED, message)
+
+    present = {p.index for p in current}
+    missing = [i for i in range(facts.num_nodes) if i not in present]
+    culprit: ObservedPod | None = failed[0] if failed else None
+    failure_reason, failure_message = REASON_POD_FAILED, ""
+    if culprit is not None:
+        detail = ": ".join(x for x in (culprit.reason, culprit.message) if x) or "no reason given"
+        failure_message = f"pod {culprit.name} (rank {culprit.index}) failed: {detail}"
+    elif phase == PHASE_RUNNING and missing:
+        failure_reason = REASON_POD_MISSING
+        failure_message = f"pod {facts.name}-node-{missing[0]} (rank {missing[0]}) disappeared while the gang ran"
+    if failure_message:
+        restarts = int(status.get("restarts") or 0)
+        if restarts >= facts.backoff_limit:
+            message = f"{failure_message}; backoffLimit ({facts.backoff_limit}) reached"
+            draft.delete_pods(stale)
+            return _finish(draft, facts, pods, PHASE_FAILED, REASON_BACKOFF_LIMIT_EXCEEDED, message)
+        draft.delete_pods(live)
+        status["restarts"] = restarts + 1
+        status["phase"] = PHASE_RESTARTING
+        message = f"{failure_message}; restarting the gang (restart {restarts + 1} of {facts.backoff_limit})"
+        draft.condition("Restarting", True, failure_reason, message)
+        draft.condition("Running", False, REASON_RESTARTING, message)
+        draft.event("Warning", REASON_RESTARTING, message)
+        return _result(draft, requeue_after, spec_patch=None, restarted=True)
+
+    # Normal progress: drop stale pods, create what is missing once its name is free.
+    draft.delete_pods(stale)
+    taken = {p.name for p in pods}
+    desired = build_children(job, attempt=attempt)
+    existing = None if existing_children is None else set(existing_children)
+    created_pods = 0
+    for child in desired:
+        kind = child.get("kind")
+        child_name = (child.get("metadata") or {}).get("name")
+        if kind == "Pod":
+            index = _as_int(((child.get("metadata") or {}).get("labels") or {}).get(LABEL_REPLICA_INDEX), -1)
+            if index in missing and child_name not in taken:
+                draft.create.append(child)
+                created_pods += 1
+        elif existing is None or child_name not in existing:
+            draft.create.append(child)
+    if created_pods and not condition_is_true(status, "Created"):
+        draft.condition("Created", True, REASON_CREATED, f"created {created_pods} worker pod(s)")
+        draft.event("Normal", REASON_CREATED, f"created {created_pods} worker pod(s) for attempt {attempt}")
+
+    running = [p for p in current if p.phase == "Running"]
+    if len(running) == facts.num_nodes:
+        status["phase"] = PHASE_RUNNING
+        message = f"all {facts.num_nodes} worker pod(s) are running"
+        if not condition_is_true(status, "Running"):
+            draft.event("Normal", REASON_ALL_PODS_RUNNING, message)
+        draft.condition("Running", True, REASON_ALL_PODS_RUNNING, message)
+        if condition_is_true(status, "Restarting"):
+            draft.condition("Restarting", False, REASON_RECOVERED, f"the gang runs again (attempt {attempt})")
+    else:
+        status["phase"] = PHASE_RESTARTING if phase == PHASE_RESTARTING else PHASE_PENDING
+        if status["phase"] == PHASE_PENDING:
+            draft.clear("Running", REASON_PODS_PENDING, f"{len(running)} of {facts.num_nodes} pod(s) running")
+    return _result(draft, requeue_after, spec_patch=None)
+
+
+def _failed_reason(status: Mapping[str, Any]) -> str | None:
+    condition = get_condition(status, "Failed")
+    if condition is None or condition.get("status") != "True":
+        return None
+    return str(condition.get("reason"))
+
+
+def _replica_counts(pods: Iterable[ObservedPod]) -> dict[str, int]:
+    counts = {"active": 0, "ready": 0, "succeeded": 0, "failed": 0}
+    for pod in pods:
+        if pod.phase in ("Pending", "Running", "Unknown"):
+            counts["active"] += 1
+        if pod.phase == "Running" and pod.ready:
+            counts["ready"] += 1
+        if pod.phase == "Succeeded":
+            counts["succeeded"] += 1
+        if pod.phase == "Failed":
+            counts["failed"] += 1
+    return counts
+
+
+def _energy_events(draft: _Draft, facts: _JobFacts, previous: Mapping[str, Any]) -> None:
+    """Warning events when the energy crosses 90 % and 100 % of the budget (each crossing once)."""
+    if facts.budget_joules is None:
+        return
+    budget = float(facts.budget_joules)
+    before = float((previous.get("energy") or {}).get("joules") or 0.0)
+    after = float((draft.status.get("energy") or {}).get("joules") or 0.0)
+    if before < budget <= after:
+        action = {"Warn": "continuing (onBudgetExceeded: Warn)", "Suspend": "suspending after a checkpoint",
+                  "Fail": "failing the job"}.get(facts.on_budget_exceeded, facts.on_budget_exceeded)
+        draft.event("Warning", REASON_ENERGY_BUDGET_EXCEEDED,
+                    f"energy {after:.6g} J reached the budget of {budget:.6g} J; {action}")
+    elif before < ENERGY_WARNING_FRACTION * budget <= after:
+        draft.event("Warning", REASON_ENERGY_BUDGET_NEARLY_SPENT,
+                    f"energy {after:.6g} J is over {ENERGY_WARNING_FRACTION:.0%} of the budget of {budget:.6g} J")
+
+
+def _suspend(draft: _Draft, live: list[ObservedPod], reason: str, spec_patch: dict[str, Any] | None) -> Plan:
+    status = draft.status
+    draft.delete_pods(live)
+    was_suspended = condition_is_true(status, "Suspended")
+    if not was_suspended:
+        message = (
+            "energy budget spent; pods are stopped after a checkpoint"
+            if reason == REASON_ENERGY_BUDGET_EXCEEDED
+            else "spec.runPolicy.suspend is true; pods are stopped after a checkpoint"
+        )
+        draft.condition("Suspended", True, reason, message)
+        draft.event("Normal", REASON_SUSPENDED, message)
+    status["phase"] = PHASE_SUSPENDED
+    status.pop("startTime", None)
+    draft.clear("Running", REASON_SUSPENDED, "the job is suspended")
+    return _result(draft, None, spec_patch=spec_patch)
+
+
+def _finish(
+    draft: _Draft,
+    facts: _JobFacts,
+    pods: list[ObservedPod],
+    phase: str,
+    reason: str,
+    message: str,
+) -> Plan:
+    """Transition to Succeeded or Failed now, then behave like an already finished job."""
+    status = draft.status
+    status["phase"] = phase
+    status["completionTime"] = format_time(draft.now)
+    draft.condition(phase, True, reason, message)
+    draft.clear("Running", reason, message)
+    draft.clear("Restarting", reason, message)
+    draft.event("Normal" if phase == PHASE_SUCCEEDED else "Warning", reason, message)
+    return _finished(draft, facts, pods)
+
+
+def _finished(draft: _Draft, facts: _JobFacts, pods: list[ObservedPod]) -> Plan:
+    """A finished job: apply cleanPodPolicy, then the TTL."""
+    policy = facts.clean_pod_policy
+    if policy == "All":
+        draft.delete_pods(pods)
+    elif policy == "Running":
+        draft.delete_pods(p for p in pods if p.phase in ("Pending", "Running", "Unknown"))
+    completed = parse_time(draft.status.get("completionTime")) or draft.now
+    draft.status.setdefault("completionTime", format_time(completed))
+    requeue_after: float | None = None
+    delete_job = False
+    if facts.ttl_seconds_after_finished is not None:
+        remaining = facts.ttl_seconds_after_finished - (draft.now - completed).total_seconds()
+        if remaining <= 0:
+            delete_job = True
+            draft.event("Normal", REASON_TTL_EXPIRED, f"deleting the job {facts.ttl_seconds_after_finished} s "
+                        "after it finished (ttlSecondsAfterFinished)")
+        else:
+            requeue_after = remaining
+    plan_ = _result(draft, requeue_after, spec_patch=None)
+    return Plan(**{**plan_.__dict__, "delete_job": delete_job})
+
+
+def _result(draft: _Draft, requeue_after: float | None, *, spec_patch: dict[str, Any] | None,
+            restarted: bool = False) -> Plan:
+    return Plan(
+        status=draft.status,
+        create=tuple(draft.create),
+        delete_pods=tuple(draft.delete),
+        delete_grace_seconds=None,
+        events=tuple(draft.events),
+        spec_patch=spec_patch,
+        requeue_after=requeue_after,
+        restarted=restarted,
+    )
+
+
+def invalid_spec_plan(previous_status: Any, *, field_path: str, message: str, generation: int | None,
+                      now: dt.datetime) -> Plan:
+    """The plan for a spec the schema let through but the operator rejects: Failed/InvalidSpec, NO children.
+
+    The event is emitted only when the message changes, so the resync timer does not repeat it.
+    """
+    draft = _Draft(status=status_dict(previous_status), now=now)
+    full_message = f"{field_path}: {message}" if field_path else message
+    condition = get_condition(draft.status, "Failed")
+    if condition is None or condition.get("status") != "True" or condition.get("message") != full_message:
+        draft.event("Warning", REASON_INVALID_SPEC, full_message)
+    draft.status["phase"] = PHASE_FAILED
+    if generation is not None:
+        draft.status["observedGeneration"] = generation
+    draft.condition("Failed", True, REASON_INVALID_SPEC, full_message)
+    return _result(draft, None, spec_patch=None)
+
+
+def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) that turns ``old`` into ``new``; empty when they are equal.
+
+    Removed keys become None, nested dicts are diffed recursively, lists and scalars are replaced whole.
+    """
+    patch: dict[str, Any] = {}
+    for key in old:
+        if key not in new:
+            patch[key] = None
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, Mapping) and isinstance(before, Mapping):
+            nested = merge_patch(before, value)
+            if nested:
+                patch[key] = nested
+        elif key not in old or before != value:
+            patch[key] = copy.deepcopy(value)
+    return patch
