@@ -1,0 +1,199 @@
+"""Reading the trainers' metrics into status fields (jest_operator.progress), against the real TrainerMetrics."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from jest_operator.progress import (
+    METRICS_URL_ANNOTATION,
+    combine_ranks,
+    least_trustworthy,
+    metrics_url,
+    parse_metrics,
+    progress_from_file,
+    read_progress,
+    scrape,
+)
+from jest_trainer.config import EnergyConfig
+from jest_trainer.energy import create_meter
+from jest_trainer.metrics import TrainerMetrics
+from prometheus_client import generate_latest
+
+PHASES = {"data": 0.01, "selection": 0.03, "forward_backward": 0.05, "optimizer": 0.01, "checkpoint": 0.0}
+
+
+def trainer(rank: int, steps: int, *, examples: int = 32, candidates: int = 160) -> TrainerMetrics:
+    """A real rank's metrics after ``steps`` identical steps."""
+    metrics = TrainerMetrics(trainingjob="demo", rank=rank)
+    for _ in range(steps):
+        metrics.observe_step(
+            duration_seconds=0.1, phase_seconds=PHASES, examples=examples, candidates=candidates,
+            flops={"train": 1e9, "selection_learner": 1e9, "selection_reference": 1e9}, loss=0.5,
+            selection_ratio=examples / candidates,
+        )
+    return metrics
+
+
+def exposition(metrics: TrainerMetrics) -> str:
+    return generate_latest(metrics.registry).decode()
+
+
+def running_pod(index: int, url: str | None = None, ip: str | None = None) -> dict:
+    metadata: dict = {"name": f"demo-node-{index}", "labels": {"jest.training/replica-index": str(index)}}
+    if url:
+        metadata["annotations"] = {METRICS_URL_ANNOTATION: url}
+    status: dict = {"phase": "Running"}
+    if ip:
+        status["podIP"] = ip
+    return {"metadata": metadata, "spec": {"containers": [{"ports": [{"name": "metrics", "containerPort": 9090}]}]},
+            "status": status}
+
+
+def test_two_real_ranks_combine_into_job_progress():
+    rank0, rank1 = trainer(0, 10), trainer(1, 10)
+    rank0.observe_eval(0.75)
+    progress = combine_ranks({0: parse_metrics(exposition(rank0)), 1: parse_metrics(exposition(rank1))},
+                             total_steps=100)
+    assert progress is not None
+    assert progress.step == 10  # steps are per rank: max, not sum
+    assert progress.total_steps == 100
+    assert progress.examples_trained == 640  # each rank counts its own: sum
+    assert progress.examples_scored == 3200
+    assert progress.observed_selection_ratio == pytest.approx(0.2)
+    assert progress.step_seconds == pytest.approx(0.1)
+    assert progress.examples_per_second == pytest.approx(640)  # 64 examples per step / 0.1 s
+    assert progress.selection_overhead_fraction == pytest.approx(0.03 / 0.10)
+    assert progress.last_eval_accuracy == pytest.approx(0.75)
+    assert progress.energy_joules is None  # no meter attached: no energy claimed
+
+
+def test_modelled_energy_is_summed_over_ranks_and_labelled_modelled():
+    config = EnergyConfig(modelled_watts_per_device=100.0, backend="modelled")
+    ranks = {}
+    meters = []
+    for rank in (0, 1):
+        metrics = trainer(rank, 2)
+        meter = create_meter(config, device_kind="cpu", device_indices=[0], initial_joules=1000.0,
+                             interval_seconds=0.01)
+        meter.start()
+        meters.append(meter)
+        metrics.attach_energy(meter)
+        ranks[rank] = metrics
+    time.sleep(0.05)
+    for meter in meters:
+        meter.stop()
+    progress = combine_ranks({rank: parse_metrics(exposition(m)) for rank, m in ranks.items()})
+    assert progress is not None
+    expected = sum(meter.total_joules() for meter in meters)
+    assert progress.energy_joules == pytest.approx(expected)
+    assert progress.energy_joules >= 2000.0  # both ranks' restored totals are included
+    assert progress.energy_method == "modelled"
+    assert progress.energy_source == "config:modelledWattsPerDevice"
+
+
+MIXED = """
+# TYPE jest_energy_consumed_joules counter
+jest_energy_consumed_joules_total{trainingjob="d",rank="0",source="nvml",method="measured"} 300.0
+# TYPE jest_accelerator_power_watts gauge
+jest_accelerator_power_watts{trainingjob="d",rank="0",device="cuda:0",source="nvml",method="measured"} 250.0
+"""
+MODELLED = """
+# TYPE jest_energy_consumed_joules counter
+jest_energy_consumed_joules_total{trainingjob="d",rank="1",source="config:modelledWattsPerDevice",method="modelled"} 200
+# TYPE jest_accelerator_power_watts gauge
+jest_accelerator_power_watts{trainingjob="d",rank="1",device="tpu:0",source="config:modelledWattsPerDevice",\
+method="modelled"} 300
+"""
+
+
+def test_a_partly_modelled_job_is_never_called_measured():
+    progress = combine_ranks({0: parse_metrics(MIXED), 1: parse_metrics(MODELLED)})
+    assert progress is not None
+    assert progress.energy_joules == 500.0
+    assert progress.average_watts == 550.0
+    assert progress.energy_method == "modelled"
+    assert progress.energy_source == "config:modelledWattsPerDevice+nvml"
+
+
+@pytest.mark.parametrize(
+    ("methods", "expected"),
+    [([], None), (["measured"], "measured"), (["measured", "integrated"], "integrated"),
+     (["integrated", "modelled", "measured"], "modelled"), (["measured", "guessed"], "guessed")],
+)
+def test_least_trustworthy(methods, expected):
+    assert least_trustworthy(methods) == expected
+
+
+@pytest.mark.parametrize("text", ["", "garbage {{{", "jest_train_steps_total NaN\n", "# only a comment\n"])
+def test_garbage_and_partial_expositions_are_tolerated(text):
+    progress = combine_ranks({0: parse_metrics(text)})
+    assert progress is not None and progress.step is None and progress.energy_joules is None
+
+
+def test_no_rank_answering_gives_none():
+    assert combine_ranks({}) is None
+
+
+def test_metrics_url_resolution():
+    assert metrics_url(running_pod(0, url="http://127.0.0.1:1234/metrics")) == "http://127.0.0.1:1234/metrics"
+    assert metrics_url(running_pod(0, ip="10.0.0.7")) == "http://10.0.0.7:9090/metrics"
+    assert metrics_url(running_pod(0, ip="fd00::7")) == "http://[fd00::7]:9090/metrics"
+    assert metrics_url(running_pod(0)) is None
+    no_named_port = running_pod(0, ip="10.0.0.8")
+    no_named_port["spec"] = {}
+    assert metrics_url(no_named_port) == "http://10.0.0.8:9090/metrics"
+
+
+def test_read_progress_scrapes_real_endpoints_and_skips_unreachable_ones(free_port):
+    rank0, rank1 = trainer(0, 4), trainer(1, 4)
+    port0, port1 = rank0.serve(0), rank1.serve(0)
+    try:
+        pods = [
+            running_pod(0, url=f"http://127.0.0.1:{port0}/metrics"),
+            running_pod(1, url=f"http://127.0.0.1:{port1}/metrics"),
+        ]
+        both = read_progress(pods, total_steps=50)
+        assert both is not None and both.step == 4 and both.examples_trained == 256
+        pods[1] = running_pod(1, url=f"http://127.0.0.1:{free_port}/metrics")  # nobody listens there
+        partial = read_progress(pods, timeout=0.5)
+        assert partial is not None and partial.examples_trained == 128
+        pods[0] = running_pod(0, url=f"http://127.0.0.1:{free_port}/metrics")
+        assert read_progress(pods, timeout=0.5) is None
+    finally:
+        rank0.close()
+        rank1.close()
+
+
+def test_read_progress_ignores_pods_that_are_not_running():
+    pod = running_pod(0, url="http://127.0.0.1:1/metrics")
+    pod["status"]["phase"] = "Pending"
+    calls: list[str] = []
+    assert read_progress([pod], fetch=lambda url, timeout: calls.append(url)) is None
+    assert calls == []
+
+
+def test_scrape_returns_none_for_bad_urls(free_port):
+    assert scrape(f"http://127.0.0.1:{free_port}/metrics", timeout=0.5) is None
+    assert scrape("not a url") is None
+
+
+def test_progress_file_round_trip():
+    document = {
+        "phase": "Running", "step": 40, "totalSteps": 250, "examplesTrained": 2560, "examplesScored": 12800,
+        "observedSelectionRatio": 0.2, "lastEvalAccuracy": None, "loss": 0.31, "examplesPerSecond": 900.5,
+        "stepSeconds": 0.07, "selectionOverheadFraction": 0.4,
+        "energy": {"joules": 1234.5, "averageWatts": 60.0, "method": "modelled", "source": "config:x"},
+        "checkpoint": {"step": 40, "path": "/ckpt/ckpt-00000040.pt", "time": "2026-11-29T10:00:00Z"},
+        "resumedFromStep": None, "worldSize": 2, "attempt": 0, "updatedAt": "2026-11-29T10:00:01Z",
+    }
+    progress = progress_from_file(document)
+    assert (progress.step, progress.total_steps, progress.examples_trained) == (40, 250, 2560.0)
+    assert progress.last_eval_accuracy is None
+    assert (progress.energy_joules, progress.energy_method, progress.energy_source) == (1234.5, "modelled", "config:x")
+    assert (progress.checkpoint_step, progress.checkpoint_path) == (40, "/ckpt/ckpt-00000040.pt")
+
+
+def test_progress_file_without_energy_labels_reports_no_energy():
+    progress = progress_from_file({"step": "x", "energy": {"joules": 5.0}, "checkpoint": "nope"})
+    assert progress.step is None and progress.energy_joules is None and progress.checkpoint_path is None
