@@ -13,7 +13,6 @@ then several replicas can run and only the highest priority one acts.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
@@ -38,10 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, configure the handlers and run Kopf until SIGTERM/SIGINT."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     import kopf
 
     from jest_operator import handlers
