@@ -93,6 +93,7 @@ class DeviceChannel:
         self.joules = 0.0
         self.watts = 0.0
         self.errors = 0
+        self.readings = 0
         self.sampling_seconds = 0.0
         self._last_time: float | None = None
 
@@ -136,6 +137,7 @@ class DeviceChannel:
                 self.joules += joules
                 self.watts = watts
                 self._last_time = now
+                self.readings += 1
         finally:
             self.sampling_seconds += time.perf_counter() - started
 
@@ -338,6 +340,10 @@ class EnergyMeter:
     def sampling_seconds_total(self) -> float:
         """Wall time the sampler threads spent reading devices (the meter's own overhead)."""
         return sum(channel.sampling_seconds for channel in self.channels)
+
+    def readings_total(self) -> int:
+        """Successful device readings after the baselines (for per-reading cost accounting)."""
+        return sum(channel.readings for channel in self.channels)
 
     def errors_total(self) -> int:
         """Failed device readings so far (a counter reset or an exception in a read)."""
