@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from jest_trainer import flops as flops_mod
 from jest_trainer import train as train_mod
+from jest_trainer.config import EnergyConfig, TrainingConfig, WorkerConfig
 
 # --- LR schedule -----------------------------------------------------------------------------------
 
@@ -112,3 +115,129 @@ def test_step_flops_reject_inconsistent_sizes() -> None:
     with pytest.raises(ValueError, match="batch"):
         flops_mod.step_flops(method="jest", forward_per_example={"image": 1, "text": 1}, embed_dim=4,
                              local_batch=8, global_batch=8, local_super_batch=4)
+
+
+# --- short in-process runs (real tiny model, digits pool, single process) ---------------------------
+# Each run takes 1-3 s; the shared fixture (digits data + a 20-step reference) takes 5-20 s on a busy
+# 2-core machine, hence ``slow``.
+
+SINGLE = train_mod.DistContext(world_size=1, rank=0, local_rank=0, backend=None, device=torch.device("cpu"))
+PLAIN = {"JEST_PROGRESS": "plain", "JEST_JOB_NAME": "unit"}
+
+
+def _config(checkpoint_dir: Path, *, steps: int = 6, method: str = "jest") -> WorkerConfig:
+    training = TrainingConfig.model_validate(
+        {
+            "steps": steps,
+            "seed": 3,
+            "reference": {"train": {"steps": 20}},
+            "selection": {"method": method, "batchSize": 32, "chunks": 4, "filterRatio": 0.8},
+            "optimizer": {"lr": 2e-3, "warmupSteps": 2},
+            "checkpoint": {"dir": str(checkpoint_dir), "intervalSteps": 2, "keep": 2},
+            "eval": {"intervalSteps": 3},
+        }
+    )
+    return WorkerConfig(training=training, energy=EnergyConfig(backend="modelled"))
+
+
+@pytest.fixture(scope="module")
+def prepared() -> train_mod.Prepared:
+    from jest_trainer.data import load_digits_demo
+    from jest_trainer.reference import build_reference
+
+    cfg = _config(Path("/unused")).training
+    demo = load_digits_demo(cfg.data.noise, seed=cfg.seed, pool_copies=1)
+    reference = build_reference(cfg, demo, image_shape=demo.pool.image_shape, device=SINGLE.device)
+    return train_mod.Prepared(demo=demo, reference=reference, image_shape=demo.pool.image_shape)
+
+
+def _run(config: WorkerConfig, prepared: train_mod.Prepared, **kwargs) -> dict:
+    return train_mod.train(
+        config, env=PLAIN, ctx=SINGLE, prepared=prepared, install_signal_handlers=False, **kwargs
+    )
+
+
+def _stop_after(steps: int):
+    polls = iter(range(10_000))
+    return lambda: next(polls) >= steps
+
+
+@pytest.mark.slow
+def test_resume_gives_identical_parameters_to_an_uninterrupted_run(tmp_path: Path, prepared) -> None:
+    whole = _run(_config(tmp_path / "whole"), prepared)
+    first = _run(_config(tmp_path / "split"), prepared, stop_flag=_stop_after(3))
+    assert first["stopped"] and first["completed_steps"] == 3
+    assert first["checkpoint"]["step"] == 3
+    second = _run(_config(tmp_path / "split"), prepared)
+    assert second["resumed_from_step"] == 3 and second["completed_steps"] == 6
+    a = torch.load(tmp_path / "whole" / "ckpt-00000006.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "ckpt-00000006.pt", weights_only=True)
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert a["counters"] == b["counters"]
+    assert whole["selected_mix"] == second["selected_mix"]
+    assert whole["eval_history"] == second["eval_history"]
+
+
+@pytest.mark.slow
+def test_progress_file_follows_the_contract(tmp_path: Path, prepared) -> None:
+    summary = _run(_config(tmp_path), prepared)
+    progress = json.loads((tmp_path / "progress.json").read_text())
+    assert progress["phase"] == "Succeeded"
+    assert progress["step"] == progress["totalSteps"] == 6
+    assert progress["examplesTrained"] == 6 * 32
+    assert progress["examplesScored"] == 6 * 160
+    assert progress["observedSelectionRatio"] == pytest.approx(0.2)
+    assert progress["lastEvalAccuracy"] == summary["final_accuracy"]
+    assert 0 <= progress["lastEvalAccuracy"] <= 1
+    assert progress["examplesPerSecond"] > 0 and progress["stepSeconds"] > 0
+    assert 0 < progress["selectionOverheadFraction"] < 1
+    assert progress["energy"]["method"] == "modelled"
+    assert progress["energy"]["source"] == "config:modelledWattsPerDevice"
+    assert progress["energy"]["joules"] > 0
+    assert progress["checkpoint"]["step"] == 6
+    assert Path(progress["checkpoint"]["path"]).name == "ckpt-00000006.pt"
+    assert progress["resumedFromStep"] is None and progress["worldSize"] == 1 and progress["attempt"] == 0
+    assert progress["updatedAt"].endswith("Z")
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*.pt")) == ["ckpt-00000004.pt", "ckpt-00000006.pt"]
+
+
+@pytest.mark.slow
+def test_a_corrupted_newest_checkpoint_is_skipped_on_resume(tmp_path: Path, prepared) -> None:
+    _run(_config(tmp_path, steps=4), prepared)
+    (tmp_path / "ckpt-00000004.pt").write_bytes(b"torn write")
+    summary = _run(_config(tmp_path, steps=4), prepared)
+    assert summary["resumed_from_step"] == 2
+    assert summary["completed_steps"] == 4
+
+
+@pytest.mark.slow
+def test_flops_and_counters_accumulate_per_step(tmp_path: Path, prepared) -> None:
+    jest = _run(_config(tmp_path / "jest", steps=2), prepared)
+    uniform = _run(_config(tmp_path / "uniform", steps=2, method="uniform"), prepared)
+    assert jest["flops"]["train"] == pytest.approx(2 * jest["flops_per_step"]["train"])
+    assert jest["flops"]["train"] == pytest.approx(uniform["flops"]["train"])
+    assert jest["flops"]["selection_learner"] > 0 and jest["flops"]["selection_reference"] > 0
+    assert uniform["flops"]["selection_learner"] == uniform["flops"]["selection_reference"] == 0
+    assert sum(jest["selected_mix"].values()) == 2 * 32
+    assert jest["eval_history"][0][0] == 0 and jest["eval_history"][-1][0] == 2
+
+
+@pytest.mark.slow
+def test_debug_dump_allows_recomputing_the_selection(tmp_path: Path, prepared) -> None:
+    from jest_trainer.selection import select_batch
+
+    dump = tmp_path / "dump"
+    train_mod.train(_config(tmp_path / "ck", steps=4), env={**PLAIN, "JEST_DEBUG_DUMP_DIR": str(dump)}, ctx=SINGLE,
+                    prepared=prepared, install_signal_handlers=False)
+    assert sorted(p.name for p in dump.iterdir()) == [
+        "params-rank0.pt", "sel-step0-rank0.pt", "sel-step1-rank0.pt", "sel-step2-rank0.pt"
+    ]
+    record = torch.load(dump / "sel-step1-rank0.pt", weights_only=True)
+    again = select_batch(
+        record["method"], learner_logits=record["learner_logits"], reference_logits=record["reference_logits"],
+        loss=record["loss"], batch_size=record["batch_size"], n_chunks=record["chunks"],
+        generator=train_mod.selection_generator(record["seed"], record["step"], record["rank"]),
+    )
+    assert torch.equal(again, record["selected"])
+    assert record["candidate_indices"].shape == (160,)
