@@ -226,10 +226,12 @@ class ResourceRequirements(WireModel):
 
     requests: dict[str, Quantity] = Field(
         default_factory=dict,
+        max_length=32,
         description="Minimum resources, e.g. {cpu: '8', memory: 64Gi}.",
     )
     limits: dict[str, Quantity] = Field(
         default_factory=dict,
+        max_length=32,
         description="Maximum resources; nvidia.com/gpu and google.com/tpu come from accelerator.count.",
     )
 
@@ -363,10 +365,12 @@ class PodTemplateOverrides(WireModel):
     added capabilities and root users cannot be expressed, and operator-owned names are reserved.
     """
 
-    labels: dict[str, LabelValue] = Field(default_factory=dict, description="Extra pod labels.")
-    annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod annotations.")
+    labels: dict[str, LabelValue] = Field(default_factory=dict, max_length=64, description="Extra pod labels.")
+    annotations: dict[str, str] = Field(default_factory=dict, max_length=64, description="Extra pod annotations.")
     node_selector: dict[str, str] = Field(
-        default_factory=dict, description="Extra node selector (TPU selectors are added by the operator)."
+        default_factory=dict,
+        max_length=64,
+        description="Extra node selector (TPU selectors are added by the operator).",
     )
     tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Pod tolerations.")
     affinity: dict[str, Any] | None = _free_form("core/v1 Affinity (nodeAffinity, podAffinity, podAntiAffinity).")

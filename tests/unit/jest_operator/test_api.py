@@ -274,7 +274,7 @@ def test_operator_modules_do_not_import_torch() -> None:
     import sys
 
     code = (
-        "import sys, jest_operator.api, jest_operator.builders; "
+        "import sys, jest_operator.api, jest_operator.builders, jest_operator.crd; "
         "print('torch' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
