@@ -121,71 +121,75 @@ class _PairwiseScorer:
 
 
 class _SoftmaxCost:
-    """Exact change of the summed CLIP loss Lsum(A) when each candidate k joins the selected set A.
+    """Exact change of the summed CLIP loss Lsum(A) when each candidate k joins A, for M stacked models.
 
-    Keeps, for every item k, ``row_lse[k] = LSE_{j∈A} L_kj`` and ``col_lse[k] = LSE_{i∈A} L_ik`` (which for
-    k ∈ A are the selected rows' and columns' log partition functions), and the selected indices.
+    ``logits`` is ``[M, B, B]`` (learner and reference share one set of ops). Keeps, per model and item k,
+    ``row_lse[k] = LSE_{j∈A} L_kj`` and ``col_lse[k] = LSE_{i∈A} L_ik`` (for k ∈ A these are the selected
+    rows' and columns' log partition functions), plus the selected rows and (transposed) columns of the
+    logits, appended chunk by chunk so each chunk costs O(M·B·|A|).
     """
 
     def __init__(self, logits: Tensor) -> None:
+        models, size, _ = logits.shape
         self._logits = logits
-        size = logits.shape[0]
-        self._row_lse = torch.full((size,), -math.inf, dtype=logits.dtype, device=logits.device)
-        self._col_lse = torch.full((size,), -math.inf, dtype=logits.dtype, device=logits.device)
+        self._logits_t = logits.transpose(1, 2).contiguous()
+        self._diagonal = logits.diagonal(dim1=1, dim2=2)
+        self._row_lse = torch.full((models, size), -math.inf, dtype=logits.dtype, device=logits.device)
+        self._col_lse = torch.full((models, size), -math.inf, dtype=logits.dtype, device=logits.device)
         self._selected = torch.empty(0, dtype=torch.long, device=logits.device)
-        self._diagonal = logits.diagonal()
+        self._selected_rows = logits.new_empty((models, 0, size))
+        self._selected_cols = logits.new_empty((models, 0, size))
 
     def add(self, indices: Tensor) -> None:
-        self._row_lse = torch.logaddexp(self._row_lse, self._logits.index_select(1, indices).logsumexp(dim=1))
-        self._col_lse = torch.logaddexp(self._col_lse, self._logits.index_select(0, indices).logsumexp(dim=0))
+        new_cols = self._logits_t.index_select(1, indices)  # [M, k, B]: column j of every row, j in the chunk
+        new_rows = self._logits.index_select(1, indices)  # [M, k, B]: row i of every column, i in the chunk
+        self._row_lse = torch.logaddexp(self._row_lse, new_cols.logsumexp(dim=1))
+        self._col_lse = torch.logaddexp(self._col_lse, new_rows.logsumexp(dim=1))
         self._selected = torch.cat([self._selected, indices])
+        self._selected_rows = torch.cat([self._selected_rows, new_rows], dim=1)
+        self._selected_cols = torch.cat([self._selected_cols, new_cols], dim=1)
 
     def cost(self) -> Tensor:
-        """Lsum(A+{k}) - Lsum(A) for every k (meaningless for k already in A; callers mask those)."""
+        """``[M, B]``: Lsum(A+{k}) - Lsum(A) for every k (meaningless for k already in A; callers mask those)."""
         own_row = torch.logaddexp(self._row_lse, self._diagonal)
         own_col = torch.logaddexp(self._col_lse, self._diagonal)
         change = own_row + own_col - 2 * self._diagonal
         if self._selected.numel():
-            selected = self._selected
-            # Row i ∈ A gains column k: LSE grows by softplus(L_ik - LSE_i); likewise column j ∈ A gains row k.
-            rows_gain = functional.softplus(self._logits.index_select(0, selected) - self._row_lse[selected, None])
-            cols_gain = functional.softplus(self._logits.index_select(1, selected) - self._col_lse[None, selected])
-            change = change + rows_gain.sum(dim=0) + cols_gain.sum(dim=1)
+            # Row i ∈ A gains column k: its LSE grows by softplus(L_ik - LSE_i); likewise column j ∈ A gains row k.
+            row_partition = self._row_lse.index_select(1, self._selected).unsqueeze(2)
+            col_partition = self._col_lse.index_select(1, self._selected).unsqueeze(2)
+            change = change + functional.softplus(self._selected_rows - row_partition).sum(dim=1)
+            change = change + functional.softplus(self._selected_cols - col_partition).sum(dim=1)
         return change
 
 
 class _SoftmaxScorer:
-    """c(k|A) = Σ sign · (Lsum(A+{k}) - Lsum(A)) over the given models (learner +1, reference -1)."""
+    """c(k|A) = Σ_m sign_m · (Lsum_m(A+{k}) - Lsum_m(A)) over stacked models (learner +1, reference -1)."""
 
-    def __init__(self, terms: list[tuple[float, Tensor]]) -> None:
-        self._terms = [(sign, _SoftmaxCost(logits)) for sign, logits in terms]
+    def __init__(self, logits: Tensor, signs: Tensor) -> None:
+        self._cost = _SoftmaxCost(logits)
+        self._signs = signs.to(dtype=logits.dtype, device=logits.device).unsqueeze(1)
 
     def scores(self) -> Tensor:
-        total = None
-        for sign, cost in self._terms:
-            term = cost.cost() if sign > 0 else -cost.cost()
-            total = term if total is None else total + term
-        assert total is not None
-        return total
+        return (self._signs * self._cost.cost()).sum(dim=0)
 
     def add(self, indices: Tensor) -> None:
-        for _, cost in self._terms:
-            cost.add(indices)
+        self._cost.add(indices)
 
 
 def softmax_incremental_cost(logits: Tensor, selected: Tensor) -> Tensor:
     """Exact ``Lsum(A+{k}) - Lsum(A)`` for every k, with Lsum the summed CLIP loss and ``A = selected``.
 
-    ``Lsum(A) = 2|A|·softmax_batch_loss(logits[A][:, A])`` (and ``Lsum(∅) = 0``). Entries for k already in A are
-    not meaningful. This is the quantity :func:`jest_select_softmax` samples with, exposed for tests and
+    ``Lsum(A) = 2|A|·softmax_batch_loss(logits[A][:, A])`` (and ``Lsum(∅) = 0``). Entries for k already in A
+    are not meaningful. This is the quantity :func:`jest_select_softmax` samples with, exposed for tests and
     diagnostics.
     """
     _validate_scores("logits", logits)
     with torch.no_grad():
-        cost = _SoftmaxCost(logits.detach().to(_working_dtype(logits)))
+        cost = _SoftmaxCost(logits.detach().to(_working_dtype(logits)).unsqueeze(0))
         if selected.numel():
             cost.add(selected.to(device=logits.device, dtype=torch.long))
-        return cost.cost()
+        return cost.cost()[0]
 
 
 def jest_select(
@@ -210,9 +214,10 @@ def _softmax_joint(
     size = terms[0][1].shape[0]
     _validate_sizes(size, batch_size, n_chunks)
     with torch.no_grad():
-        working = [(sign, logits.detach().to(_working_dtype(logits))) for sign, logits in terms]
-        scorer = _SoftmaxScorer(working)
-        return _chunked_sample(scorer, size, batch_size, n_chunks, working[0][1], generator)
+        dtype = torch.float64 if any(_working_dtype(logits) == torch.float64 for _, logits in terms) else torch.float32
+        stacked = torch.stack([logits.detach().to(dtype) for _, logits in terms])
+        signs = torch.tensor([sign for sign, _ in terms])
+        return _chunked_sample(_SoftmaxScorer(stacked, signs), size, batch_size, n_chunks, stacked, generator)
 
 
 def jest_select_softmax(
