@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
+import yaml
 from jest_trainer.config import EnergyConfig, TrainingConfig
 from pydantic import (
     BaseModel,
@@ -888,3 +889,32 @@ def _field_for_alias(model: type[BaseModel], alias: str) -> str:
         if (field.alias or to_camel(name)) == alias:
             return name
     raise KeyError(alias)
+
+
+class ManifestLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with Kubernetes' idea of a float: ``3.6e9`` is a number, not a string.
+
+    PyYAML follows YAML 1.1, whose floats need a dot and a signed exponent, while kubectl (go-yaml) reads
+    ``3.6e9`` as a number; with a plain ``yaml.safe_load`` such a manifest would fail as a wrong type
+    here but be accepted by a cluster.
+    """
+
+
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+ManifestLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != _FLOAT_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ManifestLoader.add_implicit_resolver(
+    _FLOAT_TAG,
+    re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*)?\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_manifests(text: str) -> list[dict[str, Any]]:
+    """Every non-empty YAML document of ``text``, read the way kubectl reads numbers (see ManifestLoader)."""
+    return [document for document in yaml.load_all(text, Loader=ManifestLoader) if document is not None]
