@@ -1,0 +1,724 @@
+"""The Helm chart, rendered by the real Helm engine (helm-python-sdk, Helm v4 as a library).
+
+Every configuration users are expected to run (defaults, monitoring on, namespaced RBAC, a peering
+group, everything at once) is rendered and every object is validated: built-in kinds with
+kubernetes-validate (strict, Kubernetes 1.32), monitoring.coreos.com kinds against our own JSON schemas
+in monitoring_schemas/ (the Prometheus Operator CRDs are not installable here). On top of shape, the
+tests check the promises the chart makes: least-privilege RBAC equal to what the operator calls
+(jest_operator.kube.REQUIRED_PERMISSIONS), no wildcard, a hardened non-root operator pod, the CRD equal
+to the generated one, the rules and dashboard files embedded verbatim, a values schema that rejects bad
+input naming the field, and a values.yaml where every value is documented.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import tomllib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from referencing import Registry, Resource
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHART_DIR = REPO_ROOT / "charts" / "jest-operator"
+GENERATED_CRD = REPO_ROOT / "crds" / "jesttrainingjobs.jest.training.yaml"
+CHART_CRD_LINK = CHART_DIR / "crd" / "jesttrainingjobs.jest.training.yaml"
+RULES_FILE = CHART_DIR / "files" / "prometheus-rules.yaml"
+DASHBOARDS_DIR = CHART_DIR / "dashboards"
+SCHEMA_DIR = Path(__file__).resolve().parent / "monitoring_schemas"
+
+KUBERNETES_VERSION = "1.32.0"
+RELEASE = "jest"
+NAMESPACE = "jest-system"
+WATCHED = ["team-a", "team-b"]
+
+MONITORING_ON: dict[str, Any] = {
+    "metrics": {"port": 9100, "serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}},
+    "prometheusRule": {"enabled": True},
+    "grafana": {"dashboards": {"enabled": True}},
+}
+CONFIGURATIONS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "monitoring-on": MONITORING_ON,
+    "namespaced": {"watchNamespaces": WATCHED},
+    "peering": {"replicas": 3},
+    "peering-namespaced": {"replicas": 2, "watchNamespaces": WATCHED},
+    "all-on": {**MONITORING_ON, "replicas": 2, "watchNamespaces": WATCHED},
+}
+
+# Cluster-scoped resources the operator touches: these can only be granted by a ClusterRole.
+CLUSTER_SCOPED = {
+    ("apiextensions.k8s.io", "customresourcedefinitions"),
+    ("", "namespaces"),
+    ("kopf.dev", "clusterkopfpeerings"),
+}
+# Permissions granted beyond REQUIRED_PERMISSIONS, each with its reason (also in the chart README):
+# the peering init container creates the peering object Helm cannot create in the CRD's own release.
+DOCUMENTED_EXTRAS = {
+    ("kopf.dev", "kopfpeerings", "create"),
+    ("kopf.dev", "clusterkopfpeerings", "create"),
+}
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def chart() -> Iterator[helm_python.Chart]:
+    """The chart loaded once per module (loading resolves the CRD link; rendering takes ~1 ms)."""
+    with helm_python.Chart.load(CHART_DIR) as loaded:
+        yield loaded
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cached_kubernetes_schemas() -> Iterator[None]:
+    """kubernetes-validate re-reads its multi-megabyte definitions file on every call; read each file once."""
+    with pytest.MonkeyPatch.context() as patch:
+        cached = functools.cache(kubernetes_validate.utils.schema_contents)
+        patch.setattr(kubernetes_validate.utils, "schema_contents", cached)
+        yield
+
+
+def render_manifests(chart: helm_python.Chart, values: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Template path -> rendered text, as `helm template` would produce it (NOTES.txt included)."""
+    return chart.render(dict(values or {}), name=RELEASE, namespace=NAMESPACE)
+
+
+def render(chart: helm_python.Chart, values: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every Kubernetes object the chart renders for `values` (NOTES.txt and empty documents dropped)."""
+    objects: list[dict[str, Any]] = []
+    for path, text in render_manifests(chart, values).items():
+        if path.endswith("NOTES.txt"):
+            continue
+        objects.extend(doc for doc in yaml.load_all(text, Loader=yaml.CSafeLoader) if doc)
+    return objects
+
+
+def only(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    """The single object of `kind` (and `name`), failing clearly when there is none or several."""
+    matches = [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    assert len(matches) == 1, f"expected one {kind} {name or ''}, got {[o['metadata']['name'] for o in matches]}"
+    return matches[0]
+
+
+def operator_deployment(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    return only(objects, "Deployment")
+
+
+def operator_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    containers = operator_deployment(objects)["spec"]["template"]["spec"]["containers"]
+    return next(c for c in containers if c["name"] == "operator")
+
+
+def monitoring_validator(kind: str) -> jsonschema.protocols.Validator:
+    """A validator for one monitoring.coreos.com kind from monitoring_schemas/ (shared defs resolved)."""
+    resources = [
+        (f"https://jest.training/schemas/monitoring/{path.name}", Resource.from_contents(json.loads(path.read_text())))
+        for path in SCHEMA_DIR.glob("*.json")
+    ]
+    registry = Registry().with_resources(resources)
+    schema = json.loads((SCHEMA_DIR / f"{kind.lower()}.json").read_text())
+    validator_class = jsonschema.validators.validator_for(schema)
+    validator_class.check_schema(schema)
+    return validator_class(schema, registry=registry)
+
+
+def validate_object(obj: dict[str, Any]) -> None:
+    """Built-in kinds (CRDs included) via kubernetes-validate; Prometheus Operator kinds via our schemas."""
+    if obj["apiVersion"].startswith("monitoring.coreos.com/"):
+        monitoring_validator(obj["kind"]).validate(obj)
+    else:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+
+
+def effective_grants(objects: list[dict[str, Any]], service_account: tuple[str, str]) -> dict[str | None, set]:
+    """What the service account may do: namespace (None = cluster-wide) -> {(apiGroup, resource, verb)}.
+
+    Follows RoleBindings/ClusterRoleBindings to the rules they grant, as the API server's authoriser does.
+    """
+    roles = {("Role", o["metadata"].get("namespace"), o["metadata"]["name"]): o for o in objects if o["kind"] == "Role"}
+    cluster_roles = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ClusterRole"}
+    grants: dict[str | None, set] = {}
+    for binding in objects:
+        if binding["kind"] not in ("RoleBinding", "ClusterRoleBinding"):
+            continue
+        subjects = {(s["kind"], s.get("namespace"), s["name"]) for s in binding["subjects"]}
+        if ("ServiceAccount", service_account[0], service_account[1]) not in subjects:
+            continue
+        ref = binding["roleRef"]
+        scope = binding["metadata"].get("namespace") if binding["kind"] == "RoleBinding" else None
+        role = cluster_roles[ref["name"]] if ref["kind"] == "ClusterRole" else roles[("Role", scope, ref["name"])]
+        for rule in role["rules"]:
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    for verb in rule["verbs"]:
+                        grants.setdefault(scope, set()).add((group, resource, verb))
+    return grants
+
+
+def required_permissions() -> list[tuple[str, str, tuple[str, ...]]]:
+    """The operator's own statement of what it calls (owned by the controller code, not by the chart)."""
+    from jest_operator import kube
+
+    return [(group, resource, tuple(verbs)) for group, resource, verbs in kube.REQUIRED_PERMISSIONS]
+
+
+def needed_in_configuration(group: str, resource: str, values: Mapping[str, Any]) -> bool:
+    """Whether a required permission applies to this configuration (documented in the chart README).
+
+    Peering objects are used only by a peering group (replicas > 1): the namespaced kind when the operator
+    watches listed namespaces, the cluster kind otherwise. Kopf lists/watches namespaces only when it
+    serves a list of namespaces (with -A it needs no namespace observation).
+    """
+    peering = int(values.get("replicas", 1)) > 1
+    namespaced = bool(values.get("watchNamespaces"))
+    if (group, resource) == ("kopf.dev", "kopfpeerings"):
+        return peering and namespaced
+    if (group, resource) == ("kopf.dev", "clusterkopfpeerings"):
+        return peering and not namespaced
+    if (group, resource) == ("", "namespaces"):
+        return namespaced
+    return True
+
+
+# ----------------------------------------------------------------------------------------- chart basics
+
+
+def test_chart_metadata_matches_the_package() -> None:
+    metadata = yaml.safe_load((CHART_DIR / "Chart.yaml").read_text())
+    package_version = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert metadata["apiVersion"] == "v2"
+    assert metadata["name"] == "jest-operator"
+    assert metadata["appVersion"] == package_version
+    assert re.fullmatch(r"\d+\.\d+\.\d+(-[0-9A-Za-z.-]+)?", metadata["version"])
+
+
+@pytest.mark.parametrize("configuration", ["default", "all-on"])
+def test_lint_is_clean(configuration: str) -> None:
+    report = helm_python.lint(
+        CHART_DIR, CONFIGURATIONS[configuration], strict=True, namespace=NAMESPACE, kube_version="v1.32.0"
+    )
+    assert report["errors"] == []
+    # Severity 1 is "info" (only the missing-icon hint); warnings (2) and errors (3) must not occur.
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("configuration", sorted(CONFIGURATIONS))
+def test_every_rendered_object_is_valid(chart: helm_python.Chart, configuration: str) -> None:
+    objects = render(chart, CONFIGURATIONS[configuration])
+    assert objects
+    for obj in objects:
+        try:
+            validate_object(obj)
+        except Exception as error:  # re-raised with the object named, the validators' messages are terse
+            pytest.fail(f"{obj['kind']} {obj['metadata']['name']}: {error}")
+
+
+@pytest.mark.parametrize("configuration", sorted(CONFIGURATIONS))
+def test_objects_are_labelled_and_namespaced(chart: helm_python.Chart, configuration: str) -> None:
+    cluster_kinds = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
+    for obj in render(chart, CONFIGURATIONS[configuration]):
+        labels = obj["metadata"].get("labels", {})
+        assert labels.get("app.kubernetes.io/instance") == RELEASE, obj["metadata"]["name"]
+        assert labels.get("app.kubernetes.io/managed-by") == "Helm", obj["metadata"]["name"]
+        if obj["kind"] in cluster_kinds:
+            assert "namespace" not in obj["metadata"]
+        else:
+            assert obj["metadata"]["namespace"], f"{obj['kind']} {obj['metadata']['name']} has no namespace"
+
+
+def test_monitoring_is_off_by_default(chart: helm_python.Chart) -> None:
+    kinds = {obj["kind"] for obj in render(chart)}
+    assert not kinds & {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+    assert kinds >= {"Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service"}
+    assert "ConfigMap" not in kinds
+
+
+def test_monitoring_schemas_catch_mistakes() -> None:
+    """Our monitoring schemas are strict enough to matter (a typo is an error, not a silent no-op)."""
+    good = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": {"name": "x", "namespace": "y"},
+        "spec": {"selector": {"matchLabels": {"a": "b"}}, "podMetricsEndpoints": [{"port": "metrics"}]},
+    }
+    monitoring_validator("PodMonitor").validate(good)
+    typo = json.loads(json.dumps(good))
+    typo["spec"]["podMetricEndpoints"] = typo["spec"].pop("podMetricsEndpoints")
+    with pytest.raises(jsonschema.ValidationError):
+        monitoring_validator("PodMonitor").validate(typo)
+    bad_interval = json.loads(json.dumps(good))
+    bad_interval["spec"]["podMetricsEndpoints"][0]["interval"] = "15 seconds"
+    with pytest.raises(jsonschema.ValidationError):
+        monitoring_validator("PodMonitor").validate(bad_interval)
+
+
+# ------------------------------------------------------------------------------------------ values + schema
+
+
+BAD_VALUES = [
+    ({"replicas": 0}, "/replicas"),
+    ({"replica": 2}, "replica"),
+    ({"image": {"repository": "r", "tag": "t", "pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
+    ({"image": {"repository": "r", "pullPolicy": "Always", "digest": "x"}}, "digest"),
+    ({"watchNamespaces": ["Team_A"]}, "/watchNamespaces/0"),
+    ({"watchNamespaces": "team-a"}, "/watchNamespaces"),
+    ({"crds": {"install": "yes"}}, "/crds/install"),
+    ({"metrics": {"port": 70000}}, "/metrics/port"),
+    (
+        {"metrics": {"port": 9100, "podMonitor": {"enabled": True, "interval": "15 seconds"}}},
+        "/metrics/podMonitor/interval",
+    ),
+    ({"grafana": {"dashboards": {"enabled": True, "labelValue": 1}}}, "/grafana/dashboards/labelValue"),
+    ({"resources": {"limit": {"cpu": 1}}}, "limit"),
+    ({"nodeSelector": {"disk": 1}}, "/nodeSelector/disk"),
+]
+
+
+@pytest.mark.parametrize(("values", "field"), BAD_VALUES, ids=[field for _, field in BAD_VALUES])
+def test_values_schema_rejects_bad_values_naming_the_field(
+    chart: helm_python.Chart, values: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(helm_python.HelmValuesError) as rendered:
+        render(chart, values)
+    assert field in str(rendered.value)
+    with pytest.raises(helm_python.HelmValuesError) as validated:
+        chart.validate_schema(chart.merge_values(values))
+    assert field in str(validated.value)
+
+
+def test_template_checks_reject_port_clash(chart: helm_python.Chart) -> None:
+    with pytest.raises(helm_python.HelmRenderError, match=r"metrics\.port and livenessProbe\.port must differ"):
+        render(chart, {"metrics": {"port": 8080}})
+
+
+def test_default_values_pass_the_schema(chart: helm_python.Chart) -> None:
+    chart.validate_schema(chart.merge_values({}))
+
+
+def _schema_node(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in schema:
+        schema = root["definitions"][schema["$ref"].rsplit("/", 1)[1]]
+    return schema
+
+
+def _comment_above(lines: list[str], number: int) -> list[str]:
+    comment = []
+    previous = number - 1
+    while previous >= 0 and lines[previous].strip().startswith("#"):
+        comment.append(lines[previous].strip())
+        previous -= 1
+    return comment
+
+
+def test_values_yaml_documents_every_value_and_matches_the_schema() -> None:
+    """Each value has a `# --` comment and a schema entry, and each schema entry a default in values.yaml.
+
+    A `# --` comment documents the key's whole subtree (e.g. `resources`, whose inner keys are Kubernetes
+    API fields); a key without one must be a section whose own keys are documented.
+    """
+    root = json.loads((CHART_DIR / "values.schema.json").read_text())
+    lines = (CHART_DIR / "values.yaml").read_text().splitlines()
+    stack: list[tuple[int, str, bool]] = []  # (indent, key, documented as a whole)
+    undocumented, unknown = [], []
+    seen: set[tuple[str, ...]] = set()
+    whole: set[tuple[str, ...]] = set()
+    for number, line in enumerate(lines):
+        match = re.match(r"^( *)([A-Za-z_][\w.-]*):", line)
+        if not match:
+            continue
+        indent, key = len(match.group(1)), match.group(2)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        if stack and stack[-1][2]:
+            continue  # inside a value documented as a whole
+        path = (*[k for _, k, _ in stack], key)
+        documented = any(c.startswith("# --") for c in _comment_above(lines, number))
+        stack.append((indent, key, documented))
+        node: dict[str, Any] | None = root
+        for part in path:
+            node = _schema_node(node, root).get("properties", {}).get(part) if node is not None else None
+        if node is None:
+            unknown.append(".".join(path))
+            continue
+        seen.add(path)
+        if documented:
+            whole.add(path)
+        elif "properties" not in _schema_node(node, root):
+            undocumented.append(".".join(path))
+    assert unknown == [], f"values.yaml keys missing from values.schema.json: {unknown}"
+    assert undocumented == [], f"values without a '# --' comment: {undocumented}"
+
+    def schema_paths(node: dict[str, Any], prefix: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
+        for key, child in _schema_node(node, root).get("properties", {}).items():
+            path = (*prefix, key)
+            if key == "global" or prefix in whole:
+                continue
+            yield path
+            yield from schema_paths(child, path)
+
+    missing_defaults = sorted(".".join(p) for p in schema_paths(root, ()) if p not in seen)
+    assert missing_defaults == [], f"schema properties without a default in values.yaml: {missing_defaults}"
+
+
+def test_values_yaml_has_the_documented_keys(chart: helm_python.Chart) -> None:
+    """Keys that users and the docs rely on (the issue names them)."""
+    values = chart.values
+    for dotted in [
+        "image.repository", "image.tag", "image.pullPolicy", "replicas", "watchNamespaces", "crds.install",
+        "metrics.serviceMonitor.enabled", "metrics.podMonitor.enabled", "prometheusRule.enabled",
+        "grafana.dashboards.enabled", "resources", "nodeSelector", "tolerations", "affinity",
+        "podSecurityContext", "securityContext",
+    ]:
+        node: Any = values
+        for part in dotted.split("."):
+            assert isinstance(node, dict) and part in node, f"values.yaml lacks {dotted}"
+            node = node[part]
+
+
+# ------------------------------------------------------------------------------------------------- CRDs
+
+
+def _without_chart_additions(crd: dict[str, Any]) -> dict[str, Any]:
+    """The rendered CRD minus the labels/annotation the chart adds to the generated one."""
+    crd = json.loads(json.dumps(crd))
+    metadata = crd["metadata"]
+    generated = yaml.safe_load(GENERATED_CRD.read_text())["metadata"]
+    for key in ("labels", "annotations"):
+        added = {k: v for k, v in metadata.get(key, {}).items() if k not in generated.get(key, {})}
+        for k in added:
+            del metadata[key][k]
+        if key in metadata and not metadata[key] and key not in generated:
+            del metadata[key]
+    return crd
+
+
+def test_chart_crd_is_the_generated_crd(chart: helm_python.Chart) -> None:
+    assert GENERATED_CRD.is_file(), "crds/jesttrainingjobs.jest.training.yaml is missing (make crds)"
+    assert CHART_CRD_LINK.resolve() == GENERATED_CRD.resolve(), "the chart must link to the generated CRD"
+    crd = only(render(chart), "CustomResourceDefinition", "jesttrainingjobs.jest.training")
+    assert _without_chart_additions(crd) == yaml.safe_load(GENERATED_CRD.read_text())
+    assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    kubernetes_validate.validate(crd, KUBERNETES_VERSION, strict=True)
+
+
+def test_crd_text_is_emitted_verbatim(chart: helm_python.Chart) -> None:
+    """Byte-level: apart from the spliced metadata lines the chart emits the generated file unchanged."""
+    text = render_manifests(chart)[f"{CHART_DIR.name}/templates/crd-jesttrainingjobs.yaml"]
+    generated_lines = GENERATED_CRD.read_text().splitlines()
+    rendered_lines = text.splitlines()
+    position = 0
+    for line in generated_lines:  # the generated lines appear in order, each exactly once
+        position = rendered_lines.index(line, position) + 1
+
+
+def test_crd_install_switch(chart: helm_python.Chart) -> None:
+    off = render(chart, {"crds": {"install": False}})
+    assert not [o for o in off if o["kind"] == "CustomResourceDefinition"]
+    not_kept = only(render(chart, {"crds": {"install": True, "keep": False}}), "CustomResourceDefinition")
+    assert "helm.sh/resource-policy" not in not_kept["metadata"].get("annotations", {})
+
+
+def test_crd_is_shipped_exactly_once(chart: helm_python.Chart) -> None:
+    """The CRD is a template; a copy in the chart's crds/ folder as well would make `helm install` fail
+    (Helm creates crds/ first, then refuses to adopt the same object for the template)."""
+    shipped_in_crds_folder = [c["name"] for c in chart.crds]
+    assert shipped_in_crds_folder == [], (
+        f"remove {shipped_in_crds_folder} from charts/jest-operator/crds/: the chart ships the CRD from "
+        "templates/crd-jesttrainingjobs.yaml (see the chart README, 'CRD lifecycle')"
+    )
+
+
+# ------------------------------------------------------------------------------------- operator workload
+
+
+@pytest.mark.parametrize("configuration", sorted(CONFIGURATIONS))
+def test_operator_pod_is_hardened(chart: helm_python.Chart, configuration: str) -> None:
+    objects = render(chart, CONFIGURATIONS[configuration])
+    deployment = operator_deployment(objects)
+    pod = deployment["spec"]["template"]["spec"]
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is True
+    assert only(objects, "ServiceAccount")["automountServiceAccountToken"] is False
+    for container in pod["containers"] + pod.get("initContainers", []):
+        context = container["securityContext"]
+        assert context["runAsNonRoot"] is True
+        assert context["allowPrivilegeEscalation"] is False
+        assert context["readOnlyRootFilesystem"] is True
+        assert context["capabilities"] == {"drop": ["ALL"]}
+        assert context.get("privileged") is not True
+        assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+        assert container["image"] == "ghcr.io/jest-operator/jest-operator:0.1.0"
+
+
+def parse_operator_arguments(container: dict[str, Any]) -> Any:
+    """The operator container's command line, parsed by the operator's own argument parser.
+
+    With a peering group the command is a shell wrapper that appends a random ``--priority``; a fixed
+    priority stands in for it here.
+    """
+    from jest_operator.main import build_parser
+
+    if container["command"] == ["jest-operator"]:
+        return build_parser().parse_args(container["args"])
+    assert container["command"][:2] == ["/bin/sh", "-c"], container["command"]
+    assert container["command"][2].startswith('exec jest-operator "$@" --priority=')
+    return build_parser().parse_args([*container["args"], "--priority=7"])
+
+
+def test_liveness_probe_targets_kopf_health_endpoint(chart: helm_python.Chart) -> None:
+    container = operator_container(render(chart))
+    probe = container["livenessProbe"]["httpGet"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    arguments = parse_operator_arguments(container)
+    assert arguments.liveness_port == ports[probe["port"]]
+    assert arguments.liveness_host == "0.0.0.0"
+    assert probe["path"] == "/healthz"  # where Kopf serves it (jest_operator.main builds the same URL)
+
+
+@pytest.mark.parametrize("configuration", sorted(CONFIGURATIONS))
+def test_operator_accepts_the_rendered_command_line(chart: helm_python.Chart, configuration: str) -> None:
+    values = CONFIGURATIONS[configuration]
+    container = operator_container(render(chart, values))
+    arguments = parse_operator_arguments(container)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert arguments.metrics_port == ports["metrics"]
+    if values.get("watchNamespaces"):
+        assert arguments.namespace == values["watchNamespaces"] and not arguments.all_namespaces
+    else:
+        assert arguments.all_namespaces and arguments.namespace is None
+    if int(values.get("replicas", 1)) > 1:
+        assert arguments.peering == f"{RELEASE}-jest-operator"
+    else:
+        assert arguments.peering is None  # standalone: no peering objects needed
+
+
+def test_image_values(chart: helm_python.Chart) -> None:
+    values = {"image": {"repository": "registry.example/jest-operator", "tag": "1.2.3", "pullPolicy": "Always"}}
+    container = operator_container(render(chart, values))
+    assert container["image"] == "registry.example/jest-operator:1.2.3"
+    assert container["imagePullPolicy"] == "Always"
+
+
+def test_scheduling_values_reach_the_pod(chart: helm_python.Chart) -> None:
+    values = {
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ops", "effect": "NoSchedule"}],
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["ops"]}]}]}}},
+        "resources": {"requests": {"cpu": "200m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+        "podSecurityContext": {"runAsNonRoot": True, "runAsUser": 2000, "seccompProfile": {"type": "RuntimeDefault"}},
+    }
+    objects = render(chart, values)
+    pod = operator_deployment(objects)["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == values["nodeSelector"]
+    assert pod["tolerations"] == values["tolerations"]
+    assert pod["affinity"] == values["affinity"]
+    assert values["podSecurityContext"].items() <= pod["securityContext"].items()  # merged with the defaults
+    assert operator_container(objects)["resources"] == values["resources"]
+    kubernetes_validate.validate(operator_deployment(objects), KUBERNETES_VERSION, strict=True)
+
+
+# ------------------------------------------------------------------------------------------------- RBAC
+
+
+@pytest.mark.parametrize("configuration", sorted(CONFIGURATIONS))
+def test_rbac_has_no_wildcards(chart: helm_python.Chart, configuration: str) -> None:
+    for obj in render(chart, CONFIGURATIONS[configuration]):
+        if obj["kind"] in ("Role", "ClusterRole"):
+            for rule in obj["rules"]:
+                assert "nonResourceURLs" not in rule
+                for field in ("apiGroups", "resources", "verbs", "resourceNames"):
+                    assert not [v for v in rule.get(field, []) if "*" in v], f"{obj['metadata']['name']}: {rule}"
+                assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
+
+
+@pytest.mark.parametrize("configuration", sorted(CONFIGURATIONS))
+def test_rbac_is_exactly_what_the_operator_uses(chart: helm_python.Chart, configuration: str) -> None:
+    values = CONFIGURATIONS[configuration]
+    objects = render(chart, values)
+    service_account = (NAMESPACE, only(objects, "ServiceAccount")["metadata"]["name"])
+    grants = effective_grants(objects, service_account)
+    watched = values.get("watchNamespaces") or []
+    namespaced_scopes: list[str | None] = list(watched) if watched else [None]
+
+    required: set[tuple[str, str, str]] = set()
+    for group, resource, verbs in required_permissions():
+        if not needed_in_configuration(group, resource.split("/")[0], values):
+            continue
+        for verb in verbs:
+            required.add((group, resource, verb))
+            scopes = [None] if (group, resource.split("/")[0]) in CLUSTER_SCOPED else namespaced_scopes
+            for scope in scopes:
+                assert (group, resource, verb) in grants.get(scope, set()), (
+                    f"{configuration}: operator needs {verb} {group or 'core'}/{resource} "
+                    f"in {scope or 'all namespaces'}, the chart does not grant it"
+                )
+
+    granted = set().union(*grants.values())
+    beyond = granted - required - DOCUMENTED_EXTRAS
+    assert beyond == set(), f"{configuration}: granted beyond REQUIRED_PERMISSIONS: {sorted(beyond)}"
+
+    if watched:
+        assert set(grants) == {None, *watched}, "namespaced install must not bind namespaced rules cluster-wide"
+        cluster_wide = grants[None]
+        assert {(g, r) for g, r, _ in cluster_wide} <= CLUSTER_SCOPED
+
+
+def test_namespaced_install_has_a_role_per_namespace(chart: helm_python.Chart) -> None:
+    objects = render(chart, {"watchNamespaces": WATCHED})
+    assert sorted(o["metadata"]["namespace"] for o in objects if o["kind"] == "Role") == sorted(WATCHED)
+    assert sorted(o["metadata"]["namespace"] for o in objects if o["kind"] == "RoleBinding") == sorted(WATCHED)
+    for binding in (o for o in objects if o["kind"] == "RoleBinding"):
+        assert binding["subjects"][0]["namespace"] == NAMESPACE
+
+
+def test_rbac_create_false_renders_no_rbac(chart: helm_python.Chart) -> None:
+    kinds = {o["kind"] for o in render(chart, {"rbac": {"create": False}})}
+    assert not kinds & {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
+
+
+# ------------------------------------------------------------------------------------------ monitoring
+
+
+def test_service_monitor_selects_the_operator_metrics_service(chart: helm_python.Chart) -> None:
+    objects = render(chart, MONITORING_ON)
+    monitor = only(objects, "ServiceMonitor")
+    service = only(objects, "Service")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    port_names = {p["name"] for p in service["spec"]["ports"]}
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} <= port_names
+    pod_labels = operator_deployment(objects)["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    container_ports = {p["name"] for p in operator_container(objects)["ports"]}
+    assert {p["targetPort"] for p in service["spec"]["ports"]} <= container_ports
+
+
+def test_service_monitor_forces_the_service(chart: helm_python.Chart) -> None:
+    values = {"metrics": {"port": 9100, "service": {"enabled": False}, "serviceMonitor": {"enabled": True}}}
+    assert only(render(chart, values), "Service")
+    values["metrics"]["serviceMonitor"]["enabled"] = False
+    assert not [o for o in render(chart, values) if o["kind"] == "Service"]
+
+
+def test_pod_monitor_selects_trainer_pods(chart: helm_python.Chart) -> None:
+    monitor = only(render(chart, MONITORING_ON), "PodMonitor")
+    assert monitor["spec"]["selector"] == {"matchLabels": {"app.kubernetes.io/managed-by": "jest-operator"}}
+    assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
+    assert monitor["spec"]["namespaceSelector"] == {"any": True}
+    namespaced = only(render(chart, {**MONITORING_ON, "watchNamespaces": WATCHED}), "PodMonitor")
+    assert namespaced["spec"]["namespaceSelector"] == {"matchNames": WATCHED}
+
+
+def test_pod_monitor_matches_the_pods_the_operator_builds(chart: helm_python.Chart) -> None:
+    """Cross-check with the real pod builder: labels selected and the port name exist on trainer pods."""
+    from jest_operator import api, builders
+
+    manifest = yaml.safe_load((REPO_ROOT / "examples" / "quickstart.yaml").read_text())
+    job = api.parse_job({**manifest, "metadata": {**manifest["metadata"], "namespace": "team-a", "uid": "u-1"}})
+    pod = builders.build_pod(job, 0, attempt=0)
+    monitor = only(render(chart, MONITORING_ON), "PodMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    pod_ports = {p.get("name") for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+    assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} <= pod_ports
+
+
+def test_monitor_labels_and_intervals(chart: helm_python.Chart) -> None:
+    values = json.loads(json.dumps(MONITORING_ON))
+    values["metrics"]["podMonitor"].update({"interval": "30s", "scrapeTimeout": "20s", "labels": {"release": "kps"}})
+    values["metrics"]["serviceMonitor"]["labels"] = {"release": "kps"}
+    values["prometheusRule"]["labels"] = {"release": "kps"}
+    objects = render(chart, values)
+    for kind in ("PodMonitor", "ServiceMonitor", "PrometheusRule"):
+        assert only(objects, kind)["metadata"]["labels"]["release"] == "kps"
+    endpoint = only(objects, "PodMonitor")["spec"]["podMetricsEndpoints"][0]
+    assert (endpoint["interval"], endpoint["scrapeTimeout"]) == ("30s", "20s")
+
+
+def test_prometheus_rule_embeds_exactly_the_rules_file(chart: helm_python.Chart) -> None:
+    rule = only(render(chart, MONITORING_ON), "PrometheusRule")
+    assert rule["spec"] == yaml.safe_load(RULES_FILE.read_text())
+    assert rule["spec"]["groups"]
+
+
+def test_dashboard_config_map_embeds_the_dashboards(chart: helm_python.Chart) -> None:
+    dashboards = sorted(DASHBOARDS_DIR.glob("*.json"))
+    assert dashboards, "charts/jest-operator/dashboards/*.json is missing"
+    config_map = only(render(chart, MONITORING_ON), "ConfigMap")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert sorted(config_map["data"]) == [p.name for p in dashboards]
+    for path in dashboards:
+        assert json.loads(config_map["data"][path.name]) == json.loads(path.read_text())
+
+
+def test_dashboard_label_and_namespace_are_configurable(chart: helm_python.Chart) -> None:
+    values = {"grafana": {"dashboards": {
+        "enabled": True, "label": "grafana.com/dashboard", "labelValue": "jest", "namespace": "monitoring",
+        "annotations": {"grafana_folder": "JEST"},
+    }}}
+    config_map = only(render(chart, values), "ConfigMap")
+    assert config_map["metadata"]["labels"]["grafana.com/dashboard"] == "jest"
+    assert "grafana_dashboard" not in config_map["metadata"]["labels"]
+    assert config_map["metadata"]["namespace"] == "monitoring"
+    assert config_map["metadata"]["annotations"] == {"grafana_folder": "JEST"}
+
+
+# --------------------------------------------------------------------------------------------- peering
+
+
+def test_single_replica_runs_standalone_without_peering(chart: helm_python.Chart) -> None:
+    objects = render(chart)
+    assert not [o for o in objects if o["metadata"]["name"].endswith("kopfpeerings.kopf.dev")]
+    assert "initContainers" not in operator_deployment(objects)["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("watch", [[], WATCHED], ids=["cluster-wide", "namespaced"])
+def test_peering_group_for_several_replicas(chart: helm_python.Chart, watch: list[str]) -> None:
+    objects = render(chart, {"replicas": 3, "watchNamespaces": watch, "peering": {"name": "jest-peers"}})
+    crds = {o["metadata"]["name"]: o for o in objects if o["kind"] == "CustomResourceDefinition"}
+    assert {"kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"} <= set(crds)
+    assert crds["kopfpeerings.kopf.dev"]["spec"]["scope"] == "Namespaced"
+    assert crds["clusterkopfpeerings.kopf.dev"]["spec"]["scope"] == "Cluster"
+    deployment = operator_deployment(objects)
+    assert deployment["spec"]["replicas"] == 3
+    arguments = parse_operator_arguments(operator_container(objects))
+    assert arguments.peering == "jest-peers"
+    (init,) = deployment["spec"]["template"]["spec"]["initContainers"]
+    env = {e["name"]: e.get("value") for e in init["env"]}
+    assert env["KOPF_RUN_PEERING"] == "jest-peers"
+    assert env["JEST_PEERING_NAMESPACES"].split() == watch
+    assert init["command"][:2] == ["python3", "-c"]
+    compile(init["command"][2], "peering-init", "exec")  # the embedded script is valid Python
+
+
+def test_peering_crds_can_be_left_out(chart: helm_python.Chart) -> None:
+    objects = render(chart, {"replicas": 2, "peering": {"installCRDs": False}})
+    assert not [o for o in objects if o["metadata"]["name"].endswith("kopf.dev")]
+
+
+# ------------------------------------------------------------------------------------------------ NOTES
+
+
+@pytest.mark.parametrize("configuration", sorted(CONFIGURATIONS))
+def test_notes_explain_the_next_steps(chart: helm_python.Chart, configuration: str) -> None:
+    values = CONFIGURATIONS[configuration]
+    notes = render_manifests(chart, values)[f"{CHART_DIR.name}/templates/NOTES.txt"]
+    assert "examples/quickstart.yaml" in notes
+    assert "kubectl get jtj" in notes
+    if values.get("grafana", {}).get("dashboards", {}).get("enabled"):
+        assert "grafana_dashboard" in notes and "-dashboards" in notes
+    else:
+        assert "grafana.dashboards.enabled=true" in notes
