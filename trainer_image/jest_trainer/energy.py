@@ -447,11 +447,12 @@ def create_meter(
 
     ``device_kind`` is the torch device type of this worker (``cuda``, ``cpu``, ``xla``/``tpu``) and
     ``device_indices`` the physical devices this process owns (one meter per device across the job, or
-    energy is counted twice). ``auto``: NVML for CUDA when it initialises, RAPL for CPU where readable,
-    otherwise ``modelled``; TPUs are always modelled (no public power counter). Forcing ``nvml`` or
-    ``rapl`` where unavailable raises :class:`EnergyBackendUnavailableError` naming ``energy.backend``.
-    ``nvml`` and ``powercap_root`` exist for injection (tests, unusual sysfs mounts). The meter is not
-    started.
+    energy is counted twice). RAPL is node scope: only the process whose ``device_indices`` contain 0
+    meters it (two pods sharing one node would still both count it; RAPL suits one pod per node).
+    ``auto``: NVML for CUDA when it initialises, RAPL for CPU where readable, otherwise ``modelled``;
+    TPUs are always modelled (no public power counter). Forcing ``nvml`` or ``rapl`` where unavailable
+    raises :class:`EnergyBackendUnavailableError` naming ``energy.backend``. ``nvml`` and
+    ``powercap_root`` exist for injection (tests, unusual sysfs mounts). The meter is not started.
     """
     if device_kind not in _KNOWN_KINDS:
         raise ValueError(f"device_kind must be one of {sorted(_KNOWN_KINDS)}, got {device_kind!r}")
@@ -484,7 +485,10 @@ def create_meter(
     if backend == "rapl" or (backend == "auto" and device_kind == "cpu"):
         zones = rapl_zones(powercap_root)
         if zones:
-            channels = [RaplChannel(_rapl_zone_label(zone), zone) for zone in zones]
+            # RAPL zones are node-wide: only the process owning device 0 (local rank 0) meters them, so the
+            # other local ranks of a pod report 0 J instead of counting the same packages again.
+            owns_node = 0 in device_indices
+            channels = [RaplChannel(_rapl_zone_label(zone), zone) for zone in zones] if owns_node else []
             return EnergyMeter(channels, method=MEASURED, source=SOURCE_RAPL, **common)
         if backend == "rapl":
             raise EnergyBackendUnavailableError(

@@ -150,6 +150,16 @@ def test_rapl_packages_are_measured_and_subzones_ignored(tmp_path: Path) -> None
     assert meter.total_joules() == pytest.approx(85.0)
 
 
+def test_rapl_is_metered_once_per_node_by_local_rank_zero(tmp_path: Path) -> None:
+    root = build_powercap_tree(tmp_path, [FakeRaplZone(0)])
+    other_rank = create_meter(EnergyConfig(), device_kind="cpu", device_indices=[1], powercap_root=root)
+    assert (other_rank.method, other_rank.source, other_rank.samples()) == ("measured", "rapl", [])
+    drive(other_rank, 0.0)
+    set_energy_uj(root, 0, 9_000_000)
+    drive(other_rank, 1.0)
+    assert other_rank.total_joules() == 0.0
+
+
 def test_rapl_wraparound_at_max_energy_range(tmp_path: Path) -> None:
     max_range = 262_143_328_850
     root = build_powercap_tree(tmp_path, [FakeRaplZone(0, max_range - 1_000_000, max_energy_range_uj=max_range)])
