@@ -286,3 +286,70 @@ def test_builders_are_deterministic_and_reject_bad_indices() -> None:
         builders.build_pod(job, 4, attempt=0)
     with pytest.raises(ValueError, match="attempt"):
         builders.build_pod(job, 0, attempt=-1)
+
+
+RESTRICTED_VOLUME_TYPES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+
+
+def restricted_profile_violations(pod: dict[str, Any]) -> list[str]:
+    """The controls of the Pod Security Standards "restricted" profile (v1.32) that a pod spec can break."""
+    spec = pod["spec"]
+    found = [key for key in ("hostNetwork", "hostPID", "hostIPC") if spec.get(key)]
+    pod_context = spec.get("securityContext", {})
+    if pod_context.get("sysctls"):
+        found.append("sysctls")
+    for volume in spec.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUME_TYPES:
+            found.append(f"volume {volume['name']}: {sorted(kinds - RESTRICTED_VOLUME_TYPES)}")
+    for container in spec.get("containers", []) + spec.get("initContainers", []):
+        context = container.get("securityContext", {})
+        name = container["name"]
+        if context.get("privileged"):
+            found.append(f"{name}: privileged")
+        if context.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{name}: allowPrivilegeEscalation must be false")
+        capabilities = context.get("capabilities", {})
+        if "ALL" not in capabilities.get("drop", []):
+            found.append(f"{name}: must drop ALL capabilities")
+        if set(capabilities.get("add", [])) - {"NET_BIND_SERVICE"}:
+            found.append(f"{name}: adds capabilities")
+        if not (context.get("runAsNonRoot") or pod_context.get("runAsNonRoot")):
+            found.append(f"{name}: runAsNonRoot")
+        if context.get("runAsUser", pod_context.get("runAsUser")) == 0:
+            found.append(f"{name}: runAsUser 0")
+        seccomp = context.get("seccompProfile", pod_context.get("seccompProfile", {}))
+        if seccomp.get("type") not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{name}: seccomp")
+        if any(port.get("hostPort") for port in container.get("ports", [])):
+            found.append(f"{name}: hostPort")
+        if context.get("procMount", "Default") != "Default":
+            found.append(f"{name}: procMount")
+    return found
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_pods_meet_the_restricted_pod_security_profile(variant: str) -> None:
+    job = job_of(VARIANTS[variant])
+    for index in range(job.spec.num_nodes):
+        assert restricted_profile_violations(builders.build_pod(job, index, attempt=0)) == []
+
+
+def test_restricted_profile_checker_detects_violations() -> None:
+    pod = builders.build_pod(job_of(VARIANTS["cpu"]), 0, attempt=0)
+    pod["spec"]["hostNetwork"] = True
+    pod["spec"]["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
+    pod["spec"]["containers"][0]["securityContext"]["capabilities"] = {"add": ["SYS_ADMIN"]}
+    found = restricted_profile_violations(pod)
+    assert "hostNetwork" in found
+    assert "volume host: ['hostPath']" in found
+    assert "trainer: must drop ALL capabilities" in found and "trainer: adds capabilities" in found
