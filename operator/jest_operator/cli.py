@@ -99,6 +99,8 @@ def build_summary(result: Any, *, world_size: int, message: str | None = None) -
     """The ``--json`` summary of a local run (pure: from a ``GangResult`` and the job's world size).
 
     Counters come from rank 0's last progress file; fields the trainer never reported are null.
+    ``restart_to_resume_seconds`` (beyond the documented keys) lists, per gang restart, the seconds from
+    detecting the failure to the restarted trainer's first progress report (resumed from its checkpoint).
     """
     progress = result.progress or {}
     energy = progress.get("energy") or {}
@@ -118,6 +120,7 @@ def build_summary(result: Any, *, world_size: int, message: str | None = None) -
         },
         "examples_per_second": progress.get("examplesPerSecond"),
         "wall_seconds": round(result.wall_seconds, 3),
+        "restart_to_resume_seconds": [round(seconds, 3) for seconds in getattr(result, "resume_seconds", [])],
         "message": message if message is not None else result.message,
     }
 
@@ -128,7 +131,7 @@ def failed_summary(message: str) -> dict[str, Any]:
         "phase": "Failed", "world_size": None, "steps": None, "restarts": 0, "resumed_from_step": None,
         "final_accuracy": None, "examples_trained": None, "examples_scored": None,
         "energy": {"joules": None, "method": None, "source": None}, "examples_per_second": None,
-        "wall_seconds": 0.0, "message": message,
+        "wall_seconds": 0.0, "restart_to_resume_seconds": [], "message": message,
     }
 
 
@@ -262,6 +265,17 @@ def print_summary(summary: dict[str, Any]) -> None:
         console.print(summary["message"], markup=False)
 
 
+def parse_env_flags(items: Sequence[str]) -> dict[str, str]:
+    """``--env NAME=VALUE`` flags as a dict; a clear error for a malformed one."""
+    env = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not name.replace("_", "a").isalnum() or name[0].isdigit():
+            raise ManifestError(f"--env expects NAME=VALUE, got {item!r}")
+        env[name] = value
+    return env
+
+
 def command_run(args: argparse.Namespace) -> int:
     """``jestctl run``: validate, then run the job's pods as a local gang with operator semantics."""
     from jest_operator.api import world_size
@@ -276,6 +290,11 @@ def command_run(args: argparse.Namespace) -> int:
             write_json(Path(args.json), failed_summary(str(error)))
         return EXIT_USAGE
 
+    try:
+        extra_env = parse_env_flags(args.env or [])
+    except ManifestError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     name = job.metadata.name
     workdir = Path(args.workdir) if args.workdir else DEFAULT_WORKDIR_ROOT / name
     run_policy = job.spec.run_policy
@@ -291,7 +310,7 @@ def command_run(args: argparse.Namespace) -> int:
         on_progress=view.update,
         active_deadline_seconds=run_policy.active_deadline_seconds,
         grace_seconds=args.grace_seconds,
-        extra_env={"JEST_PROGRESS": "plain"},
+        extra_env={"JEST_PROGRESS": "plain", **extra_env},
     )
     if run_policy.suspend:
         print(f"error: {name}: spec.runPolicy.suspend is true; nothing to run", file=sys.stderr)
@@ -429,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve worker r's /metrics on PORT + r (default: no metrics server)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override a manifest field, e.g. spec.training.steps=50 (repeatable)")
+    run.add_argument("--env", action="append", metavar="NAME=VALUE",
+                     help="extra environment of every local worker, e.g. JEST_DEBUG_DUMP_DIR=/tmp/dumps "
+                          "(local debugging; not part of the manifest)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     run.add_argument("--grace-seconds", type=float, default=60.0,
                      help="how long workers may take to checkpoint after SIGTERM before SIGKILL")

@@ -65,12 +65,13 @@ def write_manifest(tmp_path: Path, document: dict | list[dict], name: str = "job
 
 def test_build_summary_takes_counters_from_rank0_progress() -> None:
     result = SimpleNamespace(phase="Succeeded", restarts=1, progress=PROGRESS, wall_seconds=12.34567,
-                             message="all 2 workers succeeded")
+                             message="all 2 workers succeeded", resume_seconds=[4.56789])
     assert build_summary(result, world_size=2) == {
         "phase": "Succeeded", "world_size": 2, "steps": 20, "restarts": 1, "resumed_from_step": 10,
         "final_accuracy": 0.4125, "examples_trained": 640, "examples_scored": 1280,
         "energy": {"joules": 1234.5, "method": "modelled", "source": "config:modelledWattsPerDevice"},
-        "examples_per_second": 321.5, "wall_seconds": 12.346, "message": "all 2 workers succeeded",
+        "examples_per_second": 321.5, "wall_seconds": 12.346, "restart_to_resume_seconds": [4.568],
+        "message": "all 2 workers succeeded",
     }
 
 
@@ -187,3 +188,12 @@ def test_jestctl_startup_does_not_import_torch() -> None:
             "print('torch' in sys.modules)")
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert output.strip() == "False"
+
+
+def test_parse_env_flags() -> None:
+    from jest_operator.cli import parse_env_flags
+
+    assert parse_env_flags(["JEST_DEBUG_DUMP_DIR=/tmp/d", "A_1=x=y"]) == {"JEST_DEBUG_DUMP_DIR": "/tmp/d", "A_1": "x=y"}
+    for bad in ("NOVALUE", "=x", "1A=x", "A-B=x"):
+        with pytest.raises(ManifestError, match="NAME=VALUE"):
+            parse_env_flags([bad])
