@@ -7,6 +7,8 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jest_operator import builders
 from jest_operator.api import parse_job
 from jest_trainer.config import WorkerConfig
@@ -353,3 +355,57 @@ def test_restricted_profile_checker_detects_violations() -> None:
     assert "hostNetwork" in found
     assert "volume host: ['hostPath']" in found
     assert "trainer: must drop ALL capabilities" in found and "trainer: adds capabilities" in found
+
+
+@st.composite
+def job_specs(draw: st.DrawFn) -> dict[str, Any]:
+    """Valid specs across accelerators, gang shapes, queues, templates and names."""
+    accelerator_type = draw(st.sampled_from(["cpu", "gpu", "tpu"]))
+    num_nodes = draw(st.integers(1, 6))
+    spec: dict[str, Any] = {"numNodes": num_nodes}
+    if accelerator_type == "gpu":
+        count = draw(st.sampled_from([1, 2, 4, 8]))
+        spec["accelerator"] = {"type": "gpu", "count": count}
+        spec["numProcPerNode"] = draw(st.integers(1, count))
+    elif accelerator_type == "tpu":
+        spec["accelerator"] = {
+            "type": "tpu",
+            "count": 4,
+            "tpu": {"accelerator": "tpu-v5-lite-podslice", "topology": f"{num_nodes}x4"},
+        }
+    chunks = draw(st.sampled_from([1, 2, 4, 8]))
+    world = num_nodes * spec.get("numProcPerNode", 1)
+    spec["training"] = {"selection": {"batchSize": world * chunks * draw(st.integers(2, 4)), "chunks": chunks}}
+    if draw(st.booleans()):
+        spec["runPolicy"] = {"queueName": draw(st.from_regex(r"[a-z][a-z0-9-]{0,20}[a-z0-9]", fullmatch=True))}
+    if draw(st.booleans()):
+        spec["podTemplate"] = {
+            "env": [{"name": f"EXTRA_{i}", "value": str(i)} for i in range(draw(st.integers(0, 3)))],
+            "labels": {"team": draw(st.from_regex(r"[a-z0-9]{1,10}", fullmatch=True))},
+            **(PVC_TEMPLATE if draw(st.booleans()) else {}),
+        }
+    return spec
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    spec=job_specs(), name=st.from_regex(r"[a-z][a-z0-9-]{0,48}[a-z0-9]", fullmatch=True), attempt=st.integers(0, 1000)
+)
+def test_any_valid_job_builds_valid_objects(spec: dict[str, Any], name: str, attempt: int) -> None:
+    body = {
+        "apiVersion": "jest.training/v1alpha1",
+        "kind": "JESTTrainingJob",
+        "metadata": {"name": name, "namespace": "ns", "uid": "u"},
+        "spec": {"image": "registry.example/jest-trainer:0.1.0", **spec},
+    }
+    job = parse_job(body)
+    children = builders.build_children(job, attempt=attempt)
+    for child in children:
+        kubernetes_validate.validate(child, "1.32.0", strict=True)
+    pods = [child for child in children if child["kind"] == "Pod"]
+    assert [pod["metadata"]["name"] for pod in pods] == [f"{name}-node-{i}" for i in range(job.spec.num_nodes)]
+    ranks = sorted(int(env_of(pod)["PET_NODE_RANK"]) for pod in pods)
+    assert ranks == list(range(job.spec.num_nodes))
+    for pod in pods:
+        assert restricted_profile_violations(pod) == []
+        assert len(pod["spec"]["hostname"]) <= 63
