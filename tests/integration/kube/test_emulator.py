@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from emulator import human_age, jsonpath_value, label_selector_matches, render_table  # noqa: E402
-
 from .conftest import Cluster, start_emulator, stop_process
+from .emulator import human_age, jsonpath_value, label_selector_matches, render_table
 
 POD = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p1", "labels": {"app": "a"}},
        "spec": {"containers": [{"name": "c", "image": "i"}]}}
