@@ -646,7 +646,7 @@ def _parse_metadata(raw: Any) -> ObjectMeta:
             f"'<name>-node-<i>' derive from it), got {name!r}",
         )
     try:
-        return ObjectMeta.model_validate(dict(raw))
+        return ObjectMeta.model_validate(_plain(raw))
     except ValidationError as error:
         first = error.errors()[0]
         raise InvalidSpec(_format_loc("metadata", first["loc"]), first["msg"]) from error
@@ -687,7 +687,7 @@ def _check_pod_template_restrictions(raw: Any) -> None:
                     f"spec.podTemplate.securityContext.{key}", "must not be 0 (root); the trainer runs as non-root"
                 )
     volumes = raw.get("volumes")
-    if isinstance(volumes, list):
+    if isinstance(volumes, list | tuple):
         for index, volume in enumerate(volumes):
             if isinstance(volume, Mapping) and "hostPath" in volume:
                 raise InvalidSpec(
@@ -704,7 +704,7 @@ def _check_pod_template_restrictions(raw: Any) -> None:
 def _validate_model(model: type[BaseModel], data: Mapping[str, Any], prefix: str) -> Any:
     """Strict validation (JSON semantics: no string-to-number coercion) with the first error as InvalidSpec."""
     try:
-        payload = json.dumps(data)
+        payload = json.dumps(_plain(data))
     except (TypeError, ValueError) as error:
         raise InvalidSpec(prefix, f"is not JSON-serialisable: {error}") from error
     try:
@@ -717,6 +717,15 @@ def _validate_model(model: type[BaseModel], data: Mapping[str, Any], prefix: str
         if first["type"] == "extra_forbidden":
             message = "unknown field (not part of the JESTTrainingJob API)"
         raise InvalidSpec(field, message) from error
+
+
+def _plain(value: Any) -> Any:
+    """Plain dicts and lists from any Mapping / sequence view (e.g. Kopf's body views), for JSON."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value
 
 
 def _format_loc(prefix: str, loc: tuple[Any, ...]) -> str:

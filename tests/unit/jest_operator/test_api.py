@@ -302,3 +302,18 @@ spec:
     import yaml
 
     assert rejected(yaml.safe_load(text.replace("---", ""))).field == "spec.energy.budgetJoules"
+
+
+def test_parse_job_accepts_read_only_mapping_views() -> None:
+    """Kopf hands over bodies as Mapping views, not dicts; they must parse like the dicts they wrap."""
+    from types import MappingProxyType
+
+    def frozen(value: Any) -> Any:
+        if isinstance(value, dict):
+            return MappingProxyType({key: frozen(item) for key, item in value.items()})
+        if isinstance(value, list):
+            return tuple(frozen(item) for item in value)
+        return value
+
+    body = manifest(podTemplate={"env": [{"name": "A", "value": "1"}], "labels": {"team": "a"}})
+    assert parse_job(frozen(body)) == parse_job(body)
