@@ -468,14 +468,17 @@ def train(
     ``selection_overhead_fraction``, ``examples_trained``, ``examples_scored``, ``energy``, ``checkpoint``.
     """
     env = os.environ if env is None else env
-    own_ctx = ctx is None
-    ctx = init_distributed(env) if ctx is None else ctx
-    try:
-        return _train(config, env=env, ctx=ctx, prepared=prepared, install_signal_handlers=install_signal_handlers,
-                      stop_flag=stop_flag)
-    finally:
-        if own_ctx and ctx.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+    flag = _StopFlag()
+    # Installed before the (possibly long) set-up, so a SIGTERM during data loading or reference training
+    # also ends in a checkpoint at the first step boundary and exit 0.
+    with _signal_handlers(flag, install_signal_handlers):
+        own_ctx = ctx is None
+        ctx = init_distributed(env) if ctx is None else ctx
+        try:
+            return _train(config, env=env, ctx=ctx, prepared=prepared, flag=flag, stop_flag=stop_flag)
+        finally:
+            if own_ctx and ctx.distributed and dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def _train(
@@ -484,7 +487,7 @@ def _train(
     env: Mapping[str, str],
     ctx: DistContext,
     prepared: Prepared | None,
-    install_signal_handlers: bool,
+    flag: _StopFlag,
     stop_flag: Callable[[], bool] | None,
 ) -> dict[str, Any]:
     from jest_trainer import losses
@@ -585,7 +588,6 @@ def _train(
     meter.start()
 
     reporter = _Reporter(_progress_mode(env), cfg.steps, start_step) if ctx.is_main else None
-    flag = _StopFlag()
     run_phase = dict.fromkeys(PHASES, 0.0)
     arithmetic_seconds = 0.0
     run_step_seconds = 0.0
@@ -668,137 +670,138 @@ def _train(
     restored_total_joules = job_joules()
     write_progress("Running", restored_total_joules)
     try:
-        with _signal_handlers(flag, install_signal_handlers):
-            if start_step == 0 and ctx.is_main and not counters.eval_history:
-                evaluate(0)
-            for step in range(start_step, cfg.steps):
-                local_stop = flag.requested or (stop_flag is not None and stop_flag())
-                if _all_reduce([1.0 if local_stop else 0.0], ctx, dist.ReduceOp.MAX)[0] > 0:
-                    stopped = True
-                    break
-                step_begin = time.perf_counter()
-                phase = dict.fromkeys(PHASES, 0.0)
+        if start_step == 0 and ctx.is_main and not counters.eval_history:
+            evaluate(0)
+        for step in range(start_step, cfg.steps):
+            local_stop = flag.requested or (stop_flag is not None and stop_flag())
+            if _all_reduce([1.0 if local_stop else 0.0], ctx, dist.ReduceOp.MAX)[0] > 0:
+                stopped = True
+                break
+            step_begin = time.perf_counter()
+            phase = dict.fromkeys(PHASES, 0.0)
 
-                # data
-                positions = super_batch_positions(
-                    len(shard), local_super_batch=local_super, step=step, seed=cfg.seed, rank=ctx.rank
+            # data
+            positions = super_batch_positions(
+                len(shard), local_super_batch=local_super, step=step, seed=cfg.seed, rank=ctx.rank
+            )
+            candidates = shard.index_select(0, positions)
+            candidates_device = candidates.to(device)
+            images = pool_images.index_select(0, candidates_device)
+            tokens = pool_tokens.index_select(0, candidates_device)
+            _sync(device)
+            mark = time.perf_counter()
+            phase["data"] = mark - step_begin
+
+            # selection: score, then select
+            learner_logits = reference_logits = None
+            with torch.no_grad(), _autocast(device, autocast_dtype):
+                if uses_learner:
+                    model.eval()
+                    image_emb, text_emb = model(images, tokens)
+                    learner_logits = _logits(model, image_emb, text_emb, sel.loss).float()
+                    model.train()
+                if uses_reference:
+                    reference_logits = reference.logits(candidates_device, loss=sel.loss).float()
+            size_hint = None
+            if learner_logits is None and reference_logits is None:
+                size_hint = torch.zeros(1, 1, device=device).expand(local_super, local_super)
+            generator = selection_generator(cfg.seed, step, ctx.rank, device=device)
+            _sync(device)
+            arithmetic_begin = time.perf_counter()
+            selected = select_batch(
+                sel.method,
+                learner_logits=learner_logits if learner_logits is not None else size_hint,
+                reference_logits=reference_logits,
+                loss=sel.loss,
+                batch_size=local_batch,
+                n_chunks=sel.chunks,
+                generator=generator,
+            )
+            _sync(device)
+            now = time.perf_counter()
+            arithmetic_seconds += now - arithmetic_begin
+            phase["selection"] = now - mark
+            mark = now
+
+            # forward + backward with global negatives
+            with _autocast(device, autocast_dtype):
+                image_emb, text_emb = train_model(
+                    images.index_select(0, selected), tokens.index_select(0, selected)
                 )
-                candidates = shard.index_select(0, positions)
-                candidates_device = candidates.to(device)
-                images = pool_images.index_select(0, candidates_device)
-                tokens = pool_tokens.index_select(0, candidates_device)
-                _sync(device)
-                mark = time.perf_counter()
-                phase["data"] = mark - step_begin
-
-                # selection: score, then select
-                learner_logits = reference_logits = None
-                with torch.no_grad(), _autocast(device, autocast_dtype):
-                    if uses_learner:
-                        model.eval()
-                        image_emb, text_emb = model(images, tokens)
-                        learner_logits = _logits(model, image_emb, text_emb, sel.loss).float()
-                        model.train()
-                    if uses_reference:
-                        reference_logits = reference.logits(candidates_device, loss=sel.loss).float()
-                size_hint = None
-                if learner_logits is None and reference_logits is None:
-                    size_hint = torch.zeros(1, 1, device=device).expand(local_super, local_super)
-                generator = selection_generator(cfg.seed, step, ctx.rank, device=device)
-                _sync(device)
-                arithmetic_begin = time.perf_counter()
-                selected = select_batch(
-                    sel.method,
-                    learner_logits=learner_logits if learner_logits is not None else size_hint,
-                    reference_logits=reference_logits,
-                    loss=sel.loss,
-                    batch_size=local_batch,
-                    n_chunks=sel.chunks,
-                    generator=generator,
+                loss = losses.contrastive_loss(
+                    image_emb.float(), text_emb.float(), model.logit_scale, model.logit_bias, kind=sel.loss
                 )
-                _sync(device)
-                now = time.perf_counter()
-                arithmetic_seconds += now - arithmetic_begin
-                phase["selection"] = now - mark
-                mark = now
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            _sync(device)
+            now = time.perf_counter()
+            phase["forward_backward"] = now - mark
+            mark = now
 
-                # forward + backward with global negatives
-                with _autocast(device, autocast_dtype):
-                    image_emb, text_emb = train_model(
-                        images.index_select(0, selected), tokens.index_select(0, selected)
-                    )
-                    loss = losses.contrastive_loss(
-                        image_emb.float(), text_emb.float(), model.logit_scale, model.logit_bias, kind=sel.loss
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                _sync(device)
-                now = time.perf_counter()
-                phase["forward_backward"] = now - mark
-                mark = now
+            # optimizer
+            learning_rate = lr_at(
+                step, total_steps=cfg.steps, peak_lr=cfg.optimizer.lr, warmup_steps=cfg.optimizer.warmup_steps
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate
+            optimizer.step()
+            if device.type == "xla":
+                import torch_xla.core.xla_model as xm
 
-                # optimizer
-                learning_rate = lr_at(
-                    step, total_steps=cfg.steps, peak_lr=cfg.optimizer.lr, warmup_steps=cfg.optimizer.warmup_steps
-                )
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate
-                optimizer.step()
-                if device.type == "xla":
-                    import torch_xla.core.xla_model as xm
+                xm.mark_step()
+            _sync(device)
+            phase["optimizer"] = time.perf_counter() - mark
 
-                    xm.mark_step()
-                _sync(device)
-                phase["optimizer"] = time.perf_counter() - mark
-
-                # bookkeeping
-                last_loss = float(loss.detach())
-                completed = step + 1
-                selected_global = candidates.index_select(0, selected.cpu())
-                mix = torch.bincount(kind_ids.index_select(0, selected_global), minlength=len(kind_names))
-                for index, name in enumerate(kind_names):
-                    counters.selected_mix[name] = counters.selected_mix.get(name, 0) + int(mix[index])
-                counters.examples_trained += global_batch
-                counters.examples_scored += global_super
-                for kind, value in per_step_flops.items():
-                    counters.flops[kind] += value * ctx.world_size
-                if dump_dir is not None and step < start_step + DEBUG_DUMP_STEPS:
-                    _dump_selection(dump_dir, step=step, ctx=ctx, seed=cfg.seed, candidates=candidates,
-                                    learner_logits=learner_logits, reference_logits=reference_logits,
-                                    selected=selected, cfg=cfg, local_batch=local_batch, loss=last_loss)
-                if completed % cfg.eval.interval_steps == 0 or completed == cfg.steps:
-                    evaluate(completed)  # not part of the step's time: evaluation is not training work
-                if completed % cfg.checkpoint.interval_steps == 0 or completed == cfg.steps:
-                    phase["checkpoint"] = save(completed)
-                step_seconds = sum(phase.values())
-                for name in PHASES:
-                    run_phase[name] += phase[name]
-                run_step_seconds += step_seconds
-                smoothed_step = step_seconds if smoothed_step == 0 else (
-                    (1 - STEP_TIME_SMOOTHING) * smoothed_step + STEP_TIME_SMOOTHING * step_seconds
-                )
-                metrics.observe_step(
-                    duration_seconds=step_seconds,
-                    phase_seconds=phase,
-                    examples=local_batch,
-                    candidates=local_super,
-                    flops=per_step_flops,
-                    loss=last_loss,
-                    selection_ratio=local_batch / local_super,
-                )
-                if completed % LOG_INTERVAL_STEPS == 0 or completed == cfg.steps:
-                    joules = job_joules()
-                    if reporter is not None:
-                        reporter.update(step=completed, total=cfg.steps, loss=last_loss,
-                                        accuracy=counters.last_eval_accuracy,
-                                        examples_per_second=global_batch / smoothed_step if smoothed_step else 0.0)
-                    write_progress("Running", joules)
-            if stopped and (last_checkpoint is None or last_checkpoint["step"] != completed):
-                run_phase["checkpoint"] += save(completed)
-            meter.stop()
-            joules = job_joules()
-            finished = completed >= cfg.steps
-            write_progress("Succeeded" if finished else "Running", joules)
+            # bookkeeping
+            last_loss = float(loss.detach())
+            completed = step + 1
+            selected_global = candidates.index_select(0, selected.cpu())
+            mix = torch.bincount(kind_ids.index_select(0, selected_global), minlength=len(kind_names))
+            for index, name in enumerate(kind_names):
+                counters.selected_mix[name] = counters.selected_mix.get(name, 0) + int(mix[index])
+            counters.examples_trained += global_batch
+            counters.examples_scored += global_super
+            for kind, value in per_step_flops.items():
+                counters.flops[kind] += value * ctx.world_size
+            if dump_dir is not None and step < start_step + DEBUG_DUMP_STEPS:
+                _dump_selection(dump_dir, step=step, ctx=ctx, seed=cfg.seed, candidates=candidates,
+                                learner_logits=learner_logits, reference_logits=reference_logits,
+                                selected=selected, cfg=cfg, local_batch=local_batch, loss=last_loss)
+            if completed % cfg.eval.interval_steps == 0 or completed == cfg.steps:
+                evaluate(completed)  # not part of the step's time: evaluation is not training work
+            if completed % cfg.checkpoint.interval_steps == 0 or completed == cfg.steps:
+                if completed == cfg.steps:
+                    meter.stop()  # a final reading, so the last checkpoint holds the whole run's energy
+                phase["checkpoint"] = save(completed)
+            step_seconds = sum(phase.values())
+            for name in PHASES:
+                run_phase[name] += phase[name]
+            run_step_seconds += step_seconds
+            smoothed_step = step_seconds if smoothed_step == 0 else (
+                (1 - STEP_TIME_SMOOTHING) * smoothed_step + STEP_TIME_SMOOTHING * step_seconds
+            )
+            metrics.observe_step(
+                duration_seconds=step_seconds,
+                phase_seconds=phase,
+                examples=local_batch,
+                candidates=local_super,
+                flops=per_step_flops,
+                loss=last_loss,
+                selection_ratio=local_batch / local_super,
+            )
+            if completed % LOG_INTERVAL_STEPS == 0 or completed == cfg.steps:
+                joules = job_joules()
+                if reporter is not None:
+                    reporter.update(step=completed, total=cfg.steps, loss=last_loss,
+                                    accuracy=counters.last_eval_accuracy,
+                                    examples_per_second=global_batch / smoothed_step if smoothed_step else 0.0)
+                write_progress("Running", joules)
+        meter.stop()  # before the stop checkpoint: it must hold a fresh energy reading
+        if stopped and (last_checkpoint is None or last_checkpoint["step"] != completed):
+            run_phase["checkpoint"] += save(completed)
+        joules = job_joules()
+        finished = completed >= cfg.steps
+        write_progress("Succeeded" if finished else "Running", joules)
     except BaseException:
         meter.stop()
         with contextlib.suppress(Exception):
