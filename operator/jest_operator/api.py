@@ -571,8 +571,6 @@ class ObjectMeta(BaseModel):
 class JESTTrainingJob(BaseModel):
     """A parsed, validated ``JESTTrainingJob``: what the builders and the operator work from."""
 
-    model_config = ConfigDict(frozen=False)
-
     api_version: str = API_VERSION
     kind: str = KIND
     metadata: ObjectMeta
@@ -610,7 +608,7 @@ def parse_job(body: Mapping[str, Any]) -> JESTTrainingJob:
     size, volume references). Status keys unknown to the model (e.g. Kopf's bookkeeping) are ignored.
     """
     if not isinstance(body, Mapping):
-        raise InvalidSpec("(root)", f"a manifest must be a mapping, got {type(body).__name__}")
+        raise InvalidSpec("<root>", f"a manifest must be a mapping, got {type(body).__name__}")
     api_version = body.get("apiVersion")
     if api_version != API_VERSION:
         raise InvalidSpec("apiVersion", f"must be {API_VERSION!r}, got {api_version!r}")
@@ -628,9 +626,7 @@ def parse_job(body: Mapping[str, Any]) -> JESTTrainingJob:
     if isinstance(raw_status, Mapping) and raw_status:
         known = {field.alias or name for name, field in JESTTrainingJobStatus.model_fields.items()}
         status = _validate_model(JESTTrainingJobStatus, {k: v for k, v in raw_status.items() if k in known}, "status")
-    return JESTTrainingJob(
-        api_version=api_version, kind=KIND, metadata=metadata, spec=spec, status=status
-    )
+    return JESTTrainingJob(api_version=api_version, kind=KIND, metadata=metadata, spec=spec, status=status)
 
 
 def _parse_metadata(raw: Any) -> ObjectMeta:
@@ -817,8 +813,22 @@ def _check_resources(spec: JESTTrainingJobSpec) -> None:
 
 
 _SUFFIXES = {
-    "": 1.0, "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
-    "Ki": 2.0**10, "Mi": 2.0**20, "Gi": 2.0**30, "Ti": 2.0**40, "Pi": 2.0**50, "Ei": 2.0**60,
+    "": 1.0,
+    "n": 1e-9,
+    "u": 1e-6,
+    "m": 1e-3,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "P": 1e15,
+    "E": 1e18,
+    "Ki": 2.0**10,
+    "Mi": 2.0**20,
+    "Gi": 2.0**30,
+    "Ti": 2.0**40,
+    "Pi": 2.0**50,
+    "Ei": 2.0**60,
 }
 
 

@@ -257,9 +257,13 @@ def _convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     if "properties" in out:
         required = set(out.get("required", []))
         for name, child in out["properties"].items():
-            if name not in required and "default" not in child and child.get("type") == "object" and child.get(
-                "properties"
-            ) and not node["properties"][name].get("anyOf"):
+            if (
+                name not in required
+                and "default" not in child
+                and child.get("type") == "object"
+                and child.get("properties")
+                and not node["properties"][name].get("anyOf")
+            ):
                 out["properties"][name] = _ordered({**child, "default": {}})
     if out.get("x-kubernetes-preserve-unknown-fields"):
         out.setdefault("type", "object")

@@ -40,10 +40,20 @@ def test_contract_constants() -> None:
     assert api.LABEL_MANAGED_BY == "app.kubernetes.io/managed-by"
     assert api.ANNOTATION_ATTEMPT == "jest.training/attempt"
     assert [phase.value for phase in api.Phase] == [
-        "Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"
+        "Pending",
+        "Running",
+        "Restarting",
+        "Suspended",
+        "Succeeded",
+        "Failed",
     ]
     assert {c.value for c in api.ConditionType} == {
-        "Created", "Running", "Restarting", "Suspended", "Succeeded", "Failed"
+        "Created",
+        "Running",
+        "Restarting",
+        "Suspended",
+        "Succeeded",
+        "Failed",
     }
     for reason in ("InvalidSpec", "BackoffLimitExceeded", "DeadlineExceeded", "EnergyBudgetExceeded"):
         assert api.ConditionReason(reason) == reason
@@ -273,10 +283,7 @@ def test_operator_modules_do_not_import_torch() -> None:
     import subprocess
     import sys
 
-    code = (
-        "import sys, jest_operator.api, jest_operator.builders, jest_operator.crd; "
-        "print('torch' in sys.modules)"
-    )
+    code = "import sys, jest_operator.api, jest_operator.builders, jest_operator.crd; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 
