@@ -376,16 +376,15 @@ def command_validate(args: argparse.Namespace) -> int:
 
 
 def command_crds(args: argparse.Namespace) -> int:
-    """``jestctl crds``: regenerate the CRD YAML from the API models (``jest_operator.crd``)."""
+    """``jestctl crds``: regenerate the CRD YAML from the API models (``jest_operator.crd``).
+
+    One file only: the Helm chart reads the committed ``crds/`` copy through a link (see ``crd.CRD_PATH``).
+    """
     from jest_operator.crd import CRD_FILE_NAME, write_crds
 
-    out = Path(args.out)
-    paths = [out / CRD_FILE_NAME]
-    if args.chart is not None:
-        paths.append(Path(args.chart) / "crds" / CRD_FILE_NAME)
-    write_crds(paths)
-    for path in paths:
-        print(f"wrote {path}")
+    path = Path(args.out) / CRD_FILE_NAME
+    write_crds([path])
+    print(f"wrote {path}")
     return EXIT_OK
 
 
@@ -469,7 +468,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     crds = commands.add_parser("crds", help="write the CRD YAML generated from the API models")
     crds.add_argument("--out", default="crds", help="directory of the CRD file (default crds/)")
-    crds.add_argument("--chart", default=None, help="also write <chart>/crds/ (e.g. charts/jest-operator)")
     crds.set_defaults(handler=command_crds)
 
     data = commands.add_parser("data", help="prepare data sets")
@@ -498,7 +496,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``jestctl`` console script; returns the exit code."""
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    # Benchmarks own their flags (including --help): forward everything after the benchmark's name.
+    forwarded = {"selection": command_bench_selection, "scaling": command_bench_scaling}
+    if len(arguments) >= 2 and arguments[0] == "bench" and arguments[1] in forwarded:
+        return int(forwarded[arguments[1]](argparse.Namespace(rest=arguments[2:])))
+    args = build_parser().parse_args(arguments)
     return int(args.handler(args))
 
 

@@ -197,3 +197,37 @@ def test_parse_env_flags() -> None:
     for bad in ("NOVALUE", "=x", "1A=x", "A-B=x"):
         with pytest.raises(ManifestError, match="NAME=VALUE"):
             parse_env_flags([bad])
+
+
+def test_crds_writes_the_generated_crd(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from jest_operator.crd import CRD_FILE_NAME, render_crd_yaml
+
+    assert main(["crds", "--out", str(tmp_path / "crds")]) == EXIT_OK
+    assert (tmp_path / "crds" / CRD_FILE_NAME).read_text() == render_crd_yaml()
+    assert CRD_FILE_NAME in capsys.readouterr().out
+
+
+def test_bench_selection_forwards_to_the_trainer_benchmark(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["bench", "selection", "--help"])
+    assert caught.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "--filter-ratio" in help_text and "--seeds" in help_text
+
+
+def test_bench_scaling_forwards_to_the_bench_script(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["bench", "scaling", "--help"])
+    assert caught.value.code == 0
+    assert "--workers" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_data_digits_writes_readable_shards(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from jest_trainer.data import read_webdataset
+
+    assert main(["data", "digits", "--out", str(tmp_path), "--shard-size", "5000"]) == EXIT_OK
+    patterns = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert set(patterns) == {"pool", "curated", "test"}
+    assert len(read_webdataset(patterns["test"])) > 100
+    assert main(["data", "digits", "--out", str(tmp_path), "--wrong", "0.9", "--junk", "0.5"]) == EXIT_USAGE
