@@ -23,6 +23,7 @@ is that interface; ``build_model`` picks the implementation from ``ModelConfig.a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -82,6 +83,7 @@ class ContrastiveModel(nn.Module, ABC):
             raise ValueError(f"images: expected [n, {expected}], got {tuple(images.shape)}")
 
 
+@functools.lru_cache(maxsize=65536)
 def hash_token(word: str) -> int:
     """The id of a word in ``1..HASH_VOCAB_SIZE-1``: a stable hash (blake2b), identical across processes."""
     digest = hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest()
@@ -90,12 +92,11 @@ def hash_token(word: str) -> int:
 
 def hash_tokenize(captions: list[str], context_length: int = TINY_CONTEXT_LENGTH) -> Tensor:
     """Lower-cased alphanumeric words -> hashed ids, truncated/padded with 0 to ``context_length``."""
-    tokens = torch.zeros((len(captions), context_length), dtype=torch.long)
-    for row, text in enumerate(captions):
+    rows = []
+    for text in captions:
         ids = [hash_token(word) for word in _WORD.findall(text.lower())][:context_length]
-        if ids:
-            tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-    return tokens
+        rows.append(ids + [0] * (context_length - len(ids)))
+    return torch.tensor(rows, dtype=torch.long).reshape(len(captions), context_length)
 
 
 class TinyContrastiveModel(ContrastiveModel):
@@ -207,9 +208,10 @@ class OpenClipContrastiveModel(ContrastiveModel):
         self.clip = open_clip.create_model(name, pretrained=None)
         try:
             self._tokenizer = open_clip.get_tokenizer(name)
-        except Exception as error:  # HF tokenizers need a download
+        except Exception as error:  # HF / SigLIP tokenizers need `transformers` and a download
             raise ValueError(
-                f"model.arch: cannot build the tokenizer of open_clip:{name} without network ({error})"
+                f"model.arch: cannot build the tokenizer of open_clip:{name} ({error}); only open_clip's "
+                "bundled BPE tokenizer works offline (HF and SigLIP tokenizers need transformers + a download)"
             ) from error
         self.name = name
         self.image_shape = tuple(int(s) for s in image_shape)  # type: ignore[assignment]

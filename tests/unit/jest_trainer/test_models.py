@@ -93,12 +93,12 @@ def test_tiny_towers_learn_digits_pairs(pairs: tuple[torch.Tensor, list[str]]) -
     images, captions = pairs
     tokens = model.tokenize(captions)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    first = float(_siglip_loss(model, images, tokens))
+    first = _siglip_loss(model, images, tokens).item()
     for _ in range(40):
         optimizer.zero_grad()
         _siglip_loss(model, images, tokens).backward()
         optimizer.step()
-    assert float(_siglip_loss(model, images, tokens)) < 0.6 * first
+    assert _siglip_loss(model, images, tokens).item() < 0.6 * first
 
 
 @pytest.mark.parametrize(("embed_dim", "image_shape"), [(64, (1, 8, 8)), (32, (3, 4, 4))])
@@ -127,13 +127,13 @@ def test_openclip_tiny_vit_trains_a_step_on_digits(pairs: tuple[torch.Tensor, li
     assert torch.allclose(text.norm(dim=-1), torch.ones(16), atol=1e-5)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    before = float(_siglip_loss(model, images, tokens))
+    before = _siglip_loss(model, images, tokens).item()
     for _ in range(3):
         optimizer.zero_grad()
         _siglip_loss(model, images, tokens).backward()
         assert model.logit_bias.grad is not None and model.clip.visual.conv1.weight.grad is not None
         optimizer.step()
-    after = float(_siglip_loss(model, images, tokens))
+    after = _siglip_loss(model, images, tokens).item()
     assert math.isfinite(after) and after < before
 
 
@@ -187,3 +187,11 @@ def test_bad_model_configs_name_the_field(tmp_path: Path) -> None:
         build_model(ModelConfig(arch=f"openclip:{tmp_path}/partial.json"), image_shape=DIGITS_SHAPE)
     with pytest.raises(ValueError, match=r"model\.pretrained"):
         build_model(ModelConfig(pretrained=str(tmp_path / "missing.pt")), image_shape=DIGITS_SHAPE)
+
+
+def test_openclip_sigmoid_config_keeps_its_own_bias() -> None:
+    register_openclip_config("jest-test-tiny-sigmoid", {**TINY_VIT, "init_logit_bias": -10.0})
+    model = build_model(ModelConfig(arch="openclip:jest-test-tiny-sigmoid"), image_shape=DIGITS_SHAPE)
+    assert model.logit_bias is model.clip.logit_bias
+    assert model.logit_bias.item() == -10.0
+    assert "extra_logit_bias" not in dict(model.named_parameters())
