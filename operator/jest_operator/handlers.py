@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import copy
 import datetime as dt
 import logging
 import os
@@ -113,23 +114,46 @@ class ReconcileResult:
 
 
 def sanitize_status(raw: Any) -> dict[str, Any]:
-    """The stored status reduced to what this version's model accepts (bad fields dropped, never raises)."""
+    """The stored status reduced to what this version's model accepts; never raises.
+
+    Each field the model rejects is dropped at the deepest path the validation error names (so one bad
+    nested value does not cost the whole block), and unknown top-level keys are ignored.
+    """
     if not isinstance(raw, Mapping):
         return {}
     known = {info.alias or name for name, info in JESTTrainingJobStatus.model_fields.items()}
-    kept: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in known:
-            continue
+    candidate: dict[str, Any] = copy.deepcopy({key: value for key, value in raw.items() if key in known})
+    for _ in range(64):
         try:
-            JESTTrainingJobStatus.model_validate({key: value})
-        except (ValidationError, TypeError, ValueError):
+            model = JESTTrainingJobStatus.model_validate(candidate)
+        except ValidationError as error:
+            if not any(_drop_path(candidate, tuple(item["loc"])) for item in error.errors()):
+                return {}
             continue
-        kept[key] = value
-    try:
-        return JESTTrainingJobStatus.model_validate(kept).model_dump(mode="json", by_alias=True, exclude_none=True)
-    except (ValidationError, TypeError, ValueError):
-        return {}
+        except (TypeError, ValueError):
+            return {}
+        return model.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return {}
+
+
+def _drop_path(document: dict[str, Any], loc: tuple[Any, ...]) -> bool:
+    """Delete the value at the longest existing prefix of ``loc``; True if something was removed."""
+    for length in range(len(loc), 0, -1):
+        parent: Any = document
+        for step in loc[: length - 1]:
+            try:
+                parent = parent[step]
+            except (KeyError, IndexError, TypeError):
+                parent = None
+                break
+        key = loc[length - 1]
+        if isinstance(parent, dict) and key in parent:
+            del parent[key]
+            return True
+        if isinstance(parent, list) and isinstance(key, int) and 0 <= key < len(parent):
+            del parent[key]
+            return True
+    return False
 
 
 def decide(

@@ -431,6 +431,11 @@ def test_sanitize_status_keeps_valid_fields_only():
     assert sanitize_status({"phase": "Running", "restarts": -3, "bogus": 1})["phase"] == "Running"
     assert sanitize_status({"phase": "Running", "restarts": -3})["restarts"] == 0
     assert sanitize_status("not a dict") == {}
+    nested = sanitize_status({"energy": {"joules": 5.0, "method": "modelled", "source": "s", "typo": 1},
+                              "conditions": [{"type": "A", "status": "True", "reason": "R"},
+                                             {"type": "B", "status": "Maybe", "reason": "R"}]})
+    assert nested["energy"]["joules"] == 5.0 and "typo" not in nested["energy"]
+    assert [c["type"] for c in nested["conditions"]] == ["A"]
 
 
 # ---------------------------------------------------------------------------------------------- helpers

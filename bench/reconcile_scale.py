@@ -1,0 +1,247 @@
+"""Reconcile at scale: N jobs against the KMock emulator with the real operator process.
+
+Measures, per job, the time from its CR creation (the POST returning) to all of its pods existing, the
+operator's resident memory (sampled), and whether any pod was lost, duplicated or recreated once the
+system settled (several resync periods later). Writes JSON (+ a PNG of the latency distribution):
+
+    .venv/bin/python bench/reconcile_scale.py --jobs 100 --out bench/results/reconcile_scale.json
+
+The emulator is in-memory and on the same machine, so these figures are the operator's own overhead
+(Kopf watch -> handler -> plan -> API calls), not a real API server's latency. Goal: p50 < 1 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+EMULATOR = REPO / "tests" / "integration" / "kube" / "emulator.py"
+JOBS_PATH = "/apis/jest.training/v1alpha1/namespaces/default/jesttrainingjobs"
+PODS_PATH = "/api/v1/namespaces/default/pods"
+
+
+def free_port() -> int:
+    """A free loopback port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> None:
+    """Poll until ``predicate()`` is truthy or raise after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def job_manifest(name: str, num_nodes: int) -> dict:
+    """A small valid job (the operator only creates pods here; nothing trains)."""
+    return {
+        "apiVersion": "jest.training/v1alpha1", "kind": "JESTTrainingJob",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"image": "jest-trainer:bench", "numNodes": num_nodes,
+                 "training": {"steps": 10, "selection": {"batchSize": 32 * num_nodes, "chunks": 4}}},
+    }
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM then SIGKILL the process group."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+def run(jobs: int, num_nodes: int, resync_seconds: float, settle_seconds: float, workdir: Path) -> dict:
+    """Start emulator + operator, create the jobs, measure; returns the result document."""
+    emulator_port = free_port()
+    url = f"http://127.0.0.1:{emulator_port}"
+    emulator = subprocess.Popen([sys.executable, str(EMULATOR), "--port", str(emulator_port), "--no-crd"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    operator = None
+    try:
+        wait_until(lambda: _ok(url + "/version"), 30, "the emulator")
+        kubeconfig = workdir / "kubeconfig"
+        kubeconfig.write_text(
+            f"apiVersion: v1\nkind: Config\nclusters: [{{name: k, cluster: {{server: '{url}'}}}}]\n"
+            "users: [{name: u, user: {token: t}}]\ncontexts: [{name: c, context: {cluster: k, user: u}}]\n"
+            "current-context: c\n")
+        subprocess.run(["kubectl", f"--kubeconfig={kubeconfig}", f"--cache-dir={workdir / 'cache'}", "apply",
+                        "--validate=false", "-f", str(REPO / "crds")], check=True, capture_output=True)
+        liveness, metrics = free_port(), free_port()
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "OMP_NUM_THREADS": "1"}
+        operator = subprocess.Popen(
+            [sys.executable, "-m", "jest_operator.main", "-n", "default", "--liveness-port", str(liveness),
+             "--liveness-host", "127.0.0.1", "--metrics-port", str(metrics), "--resync-seconds", str(resync_seconds)],
+            stdout=(workdir / "operator.log").open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        wait_until(lambda: _ok(f"http://127.0.0.1:{liveness}/healthz"), 60, "the operator")
+
+        process = psutil.Process(operator.pid)
+        rss_samples: list[int] = []
+        sampling = threading.Event()
+
+        def sample_rss() -> None:
+            while not sampling.is_set():
+                rss_samples.append(process.memory_info().rss)
+                sampling.wait(0.2)
+
+        sampler = threading.Thread(target=sample_rss, daemon=True)
+        sampler.start()
+        rss_idle = process.memory_info().rss
+
+        created: dict[str, float] = {}
+        complete: dict[str, float] = {}
+        stop_polling = threading.Event()
+
+        def poll_pods() -> None:
+            while not stop_polling.is_set():
+                items = requests.get(url + PODS_PATH, timeout=10).json().get("items", [])
+                now = time.monotonic()
+                counts: dict[str, int] = {}
+                for item in items:
+                    job = item["metadata"]["labels"].get("jest.training/job-name", "")
+                    counts[job] = counts.get(job, 0) + 1
+                for job, count in counts.items():
+                    if count >= num_nodes and job in created and job not in complete:
+                        complete[job] = now
+                stop_polling.wait(0.02)
+
+        poller = threading.Thread(target=poll_pods, daemon=True)
+        poller.start()
+        started = time.monotonic()
+        for index in range(jobs):
+            name = f"scale-{index:04d}"
+            response = requests.post(url + JOBS_PATH, json=job_manifest(name, num_nodes), timeout=10)
+            response.raise_for_status()
+            created[name] = time.monotonic()
+        creation_seconds = time.monotonic() - started
+        wait_until(lambda: len(complete) == jobs, 300, "every job's pods")
+        all_pods_seconds = max(complete.values()) - started
+        stop_polling.set()
+        poller.join()
+
+        first = {p["metadata"]["name"]: p["metadata"]["uid"]
+                 for p in requests.get(url + PODS_PATH, timeout=10).json()["items"]}
+        time.sleep(settle_seconds)
+        items = requests.get(url + PODS_PATH, timeout=10).json()["items"]
+        sampling.set()
+        sampler.join()
+        final = {p["metadata"]["name"]: p["metadata"]["uid"] for p in items}
+        expected = {f"scale-{i:04d}-node-{n}" for i in range(jobs) for n in range(num_nodes)}
+        statuses = requests.get(url + JOBS_PATH, timeout=10).json()["items"]
+        operator_metrics = requests.get(f"http://127.0.0.1:{metrics}/metrics", timeout=10).text
+        latencies = [complete[name] - created[name] for name in created]
+        return {
+            "benchmark": "reconcile_scale",
+            "what": "time from a JESTTrainingJob's creation to all of its pods existing, real operator vs KMock",
+            "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                        "load_average_1m": os.getloadavg()[0]},
+            "parameters": {"jobs": jobs, "num_nodes": num_nodes, "resync_seconds": resync_seconds,
+                           "settle_seconds": settle_seconds},
+            "latency_seconds": {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
+                                "max": max(latencies), "mean": statistics.fmean(latencies)},
+            "goal": {"p50_below_seconds": 1.0, "met": percentile(latencies, 50) < 1.0},
+            "creation_seconds": creation_seconds,
+            "all_pods_seconds": all_pods_seconds,
+            "operator_rss_bytes": {"idle": rss_idle, "peak": max(rss_samples, default=rss_idle),
+                                   "final": rss_samples[-1] if rss_samples else rss_idle},
+            "pods": {"expected": len(expected), "found": len(final), "lost": sorted(expected - set(final)),
+                     "unexpected": sorted(set(final) - expected),
+                     "recreated_during_settle": sorted(n for n in first if n in final and first[n] != final[n])},
+            "jobs_with_status": sum(1 for s in statuses if (s.get("status") or {}).get("phase")),
+            "operator_reconcile_errors": _metric(operator_metrics, 'jest_operator_reconcile_total{result="error"}'),
+            "latencies_seconds": latencies,
+        }
+    finally:
+        if operator is not None:
+            stop(operator)
+        stop(emulator)
+
+
+def _ok(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _metric(text: str, series: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return None
+
+
+def plot(result: dict, path: Path) -> None:
+    """A CDF of the creation-to-pods latency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    latencies = sorted(result["latencies_seconds"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(latencies, [(i + 1) / len(latencies) for i in range(len(latencies))], drawstyle="steps-post")
+    ax.axvline(result["latency_seconds"]["p50"], linestyle="--", label=f"p50 {result['latency_seconds']['p50']:.2f} s")
+    ax.axvline(result["latency_seconds"]["p95"], linestyle=":", label=f"p95 {result['latency_seconds']['p95']:.2f} s")
+    ax.set_xlabel("seconds from CR creation to all pods created")
+    ax.set_ylabel("fraction of jobs")
+    parameters = result["parameters"]
+    ax.set_title(f"{parameters['jobs']} jobs x {parameters['num_nodes']} pods, real operator vs KMock")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=100)
+    parser.add_argument("--num-nodes", type=int, default=2)
+    parser.add_argument("--resync-seconds", type=float, default=5.0)
+    parser.add_argument("--settle-seconds", type=float, default=12.0)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "reconcile_scale.json")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run(args.jobs, args.num_nodes, args.resync_seconds, args.settle_seconds, Path(tmp))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out.with_suffix(".png"))
+    summary = {k: result[k] for k in ("latency_seconds", "goal", "operator_rss_bytes", "all_pods_seconds")}
+    summary["pods"] = {k: (v if isinstance(v, int) else len(v)) for k, v in result["pods"].items()}
+    print(json.dumps(summary, indent=2))
+    bad = result["pods"]["lost"] or result["pods"]["unexpected"] or result["pods"]["recreated_during_settle"]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
