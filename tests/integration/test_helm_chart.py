@@ -14,9 +14,16 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
 import tomllib
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +31,7 @@ import helm_python
 import jsonschema
 import kubernetes_validate
 import pytest
+import requests
 import yaml
 from referencing import Registry, Resource
 
@@ -722,3 +730,209 @@ def test_notes_explain_the_next_steps(chart: helm_python.Chart, configuration: s
         assert "grafana_dashboard" in notes and "-dashboards" in notes
     else:
         assert "grafana.dashboards.enabled=true" in notes
+
+
+# ------------------------------------------------------ the rendered operator pod, run against an API
+
+EMULATOR = REPO_ROOT / "tests" / "integration" / "kube" / "emulator.py"
+VENV_BIN = Path(sys.executable).parent
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _wait_for(predicate: Any, what: str, timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _peering_state(log: Path) -> str | None:
+    """The replica's peering state from its Kopf log: "active", "paused", or None (never switched)."""
+    switches = re.findall(r"(Resuming operations|Pausing operations)", log.read_text(errors="replace"))
+    return None if not switches else ("active" if switches[-1].startswith("Resuming") else "paused")
+
+
+@dataclass
+class ApiServer:
+    """The project's KMock-based API emulator (tests/integration/kube/emulator.py) plus a kubeconfig."""
+
+    url: str
+    kubeconfig: Path
+    workdir: Path
+
+    def get(self, path: str) -> dict[str, Any] | None:
+        response = requests.get(self.url + path, timeout=5)
+        return None if response.status_code == 404 else response.json()
+
+    def kubectl(self, *args: str, stdin: str | None = None) -> str:
+        kubectl = shutil.which("kubectl")
+        if kubectl is None:
+            pytest.fail("required tool 'kubectl' is not installed")
+        result = subprocess.run(
+            [kubectl, f"--kubeconfig={self.kubeconfig}", f"--cache-dir={self.workdir / 'kubectl-cache'}", *args],
+            input=stdin, capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert result.returncode == 0, f"kubectl {args}: {result.stderr}"
+        return result.stdout
+
+    def environment(self) -> dict[str, str]:
+        """A container environment that reaches this API: the kubeconfig plus this venv's console scripts."""
+        return {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+
+
+@pytest.fixture
+def api_server(tmp_path: Path, process_reaper: list[subprocess.Popen]) -> ApiServer:
+    (port,) = _free_ports(1)
+    log = (tmp_path / "emulator.log").open("w")
+    process_reaper.append(subprocess.Popen(
+        [sys.executable, str(EMULATOR), "--port", str(port), "--no-crd"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    ))
+    url = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        try:
+            return requests.get(url + "/version", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    _wait_for(answers, "the API emulator", timeout=30)
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+        "clusters": [{"name": "emulator", "cluster": {"server": url}}],
+        "users": [{"name": "tester", "user": {"token": "not-checked"}}],
+        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "tester"}}],
+    }))
+    return ApiServer(url, kubeconfig, tmp_path)
+
+
+def _container_env(container: dict[str, Any], base: dict[str, str], pod_name: str) -> dict[str, str]:
+    """The container's env as the kubelet would set it (downward API: pod name and namespace)."""
+    env = dict(base)
+    for variable in container.get("env", []):
+        if "value" in variable:
+            env[variable["name"]] = variable["value"]
+        else:
+            field = variable["valueFrom"]["fieldRef"]["fieldPath"]
+            env[variable["name"]] = {"metadata.name": pod_name, "metadata.namespace": NAMESPACE}[field]
+    return env
+
+
+def _apply_rendered_crds(api: ApiServer, objects: list[dict[str, Any]]) -> None:
+    crds = [o for o in objects if o["kind"] == "CustomResourceDefinition"]
+    # The emulator serves no OpenAPI, so kubectl's client-side schema check is off (TESTING.md).
+    api.kubectl("apply", "--validate=false", "-f", "-", stdin=yaml.safe_dump_all(crds))
+
+
+@pytest.mark.slow
+def test_peering_init_container_creates_the_peering_objects(
+    chart: helm_python.Chart, api_server: ApiServer
+) -> None:
+    """The rendered init container, run as is, creates each watched namespace's KopfPeering once."""
+    objects = render(chart, {"replicas": 2, "watchNamespaces": WATCHED})
+    _apply_rendered_crds(api_server, objects)
+    (init,) = operator_deployment(objects)["spec"]["template"]["spec"]["initContainers"]
+    env = _container_env(init, api_server.environment(), "operator-0")
+    outputs = []
+    for _ in range(2):  # a second replica's init container finds the objects (409 is success)
+        result = subprocess.run(init["command"], env=env, capture_output=True, text=True, timeout=120, check=False)
+        assert result.returncode == 0, result.stderr
+        outputs.append(result.stdout.split())
+    assert outputs[0].count("created") == len(WATCHED)
+    assert outputs[1].count("found") == len(WATCHED)
+    for namespace in WATCHED:
+        peering = api_server.get(f"/apis/kopf.dev/v1/namespaces/{namespace}/kopfpeerings/{RELEASE}-jest-operator")
+        assert peering is not None and peering["kind"] == "KopfPeering"
+
+
+@pytest.mark.slow
+def test_rendered_operator_pods_form_a_working_peering_group(
+    chart: helm_python.Chart, api_server: ApiServer, process_reaper: list[subprocess.Popen]
+) -> None:
+    """Two replicas of the rendered operator pod against a real API: both live and serve metrics, exactly one
+    works (the higher random priority), and that one reconciles a job into its pods."""
+    host_ports = _free_ports(4)
+    replicas = []
+    for index in range(2):
+        # Each replica is its own "pod"; locally they share a host, so each gets its own ports via values.
+        liveness_port, metrics_port = host_ports[index], host_ports[2 + index]
+        values = {"replicas": 2, "livenessProbe": {"port": liveness_port}, "metrics": {"port": metrics_port}}
+        objects = render(chart, values)
+        if index == 0:
+            _apply_rendered_crds(api_server, objects)
+        pod = operator_deployment(objects)["spec"]["template"]["spec"]
+        name = f"operator-{index}"
+        (init,) = pod["initContainers"]
+        subprocess.run(init["command"], env=_container_env(init, api_server.environment(), name),
+                       check=True, capture_output=True, timeout=120)
+        container = operator_container(objects)
+        log_path = api_server.workdir / f"{name}.log"
+        process_reaper.append(subprocess.Popen(
+            [*container["command"], *container["args"]],
+            env=_container_env(container, api_server.environment(), name),
+            stdout=log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=api_server.workdir,
+        ))
+        probe = container["livenessProbe"]["httpGet"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        replicas.append((name, f"http://127.0.0.1:{ports[probe['port']]}{probe['path']}", ports["metrics"], log_path))
+
+    for name, health_url, metrics_port, _ in replicas:
+        def healthy(url: str = health_url) -> bool:
+            try:
+                return requests.get(url, timeout=1).status_code == 200
+            except requests.RequestException:
+                return False
+
+        _wait_for(healthy, f"{name}'s liveness endpoint (the chart's probe)", timeout=90)
+        metrics = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+        assert "jest_operator_reconcile_total" in metrics
+
+    peering_path = f"/apis/kopf.dev/v1/clusterkopfpeerings/{RELEASE}-jest-operator"
+    peers = _wait_for(
+        lambda: len((api_server.get(peering_path) or {}).get("status") or {}) == 2 and api_server.get(peering_path),
+        "both replicas in the peering object",
+    )["status"]
+    priorities = {identity: peer["priority"] for identity, peer in peers.items()}
+    assert set(priorities) == {"operator-0", "operator-1"}  # POD_ID names the replica
+    assert len(set(priorities.values())) == 2, "equal priorities would pause both replicas"
+    logs = {name: log for name, _, _, log in replicas}
+    active, standby = sorted(priorities, key=priorities.__getitem__, reverse=True)
+    # Kopf starts a peered replica paused and logs each switch; the last switch is the current state.
+    _wait_for(lambda: _peering_state(logs[active]) == "active", f"{active} (highest priority) to resume")
+    time.sleep(2)
+    assert _peering_state(logs[standby]) in (None, "paused"), f"{standby} works although {active} outranks it"
+
+    manifest = yaml.safe_load((REPO_ROOT / "examples" / "quickstart.yaml").read_text())
+    manifest["metadata"]["namespace"] = "default"
+    job_name = manifest["metadata"]["name"]
+    response = requests.post(f"{api_server.url}/apis/jest.training/v1alpha1/namespaces/default/jesttrainingjobs",
+                             json=manifest, timeout=5)
+    assert response.status_code == 201, response.text
+    selector = f"jest.training/job-name%3D{job_name}"
+    pods = _wait_for(
+        lambda: (api_server.get(f"/api/v1/namespaces/default/pods?labelSelector={selector}") or {}).get("items"),
+        "the active replica to create the job's pods",
+    )
+    time.sleep(2)  # a second reconciler would now be creating duplicates
+    pods = api_server.get(f"/api/v1/namespaces/default/pods?labelSelector={selector}")["items"]
+    assert len(pods) == manifest["spec"]["numNodes"]
