@@ -288,6 +288,9 @@ BAD_VALUES = [
     ({"grafana": {"dashboards": {"enabled": True, "labelValue": 1}}}, "/grafana/dashboards/labelValue"),
     ({"resources": {"limit": {"cpu": 1}}}, "limit"),
     ({"nodeSelector": {"disk": 1}}, "/nodeSelector/disk"),
+    ({"podSecurityContext": {"runAsNonRoot": False}}, "/podSecurityContext/runAsNonRoot"),
+    ({"podSecurityContext": {"runAsUser": 0}}, "/podSecurityContext/runAsUser"),
+    ({"securityContext": {"privileged": True}}, "/securityContext/privileged"),
 ]
 
 
@@ -301,6 +304,14 @@ def test_values_schema_rejects_bad_values_naming_the_field(
     with pytest.raises(helm_python.HelmValuesError) as validated:
         chart.validate_schema(chart.merge_values(values))
     assert field in str(validated.value)
+
+
+def test_hardening_cannot_be_unset(chart: helm_python.Chart) -> None:
+    """`--set securityContext.allowPrivilegeEscalation=null` deletes a default; the schema requires it back."""
+    with pytest.raises(helm_python.HelmValuesError, match="allowPrivilegeEscalation"):
+        render(chart, {"securityContext": {"allowPrivilegeEscalation": None}})
+    with pytest.raises(helm_python.HelmValuesError, match="runAsNonRoot"):
+        render(chart, {"podSecurityContext": {"runAsNonRoot": None}})
 
 
 def test_template_checks_reject_port_clash(chart: helm_python.Chart) -> None:
