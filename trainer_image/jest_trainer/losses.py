@@ -69,14 +69,12 @@ def softmax_logits(image: Tensor, text: Tensor, logit_scale: Tensor) -> Tensor:
 def _sigmoid_pair_losses_at(logits: Tensor, positive_offset: int) -> Tensor:
     """``softplus(-z * L)`` where ``z`` is +1 at ``(i, i + positive_offset)`` and -1 elsewhere.
 
-    Written as ``softplus(L)`` everywhere with the positives replaced by ``softplus(-L)``, which avoids
-    materialising a label matrix; the offset lets one rank's rows sit inside the global columns.
+    Computed as ``softplus(L)`` everywhere with the positives overwritten by ``softplus(-L)`` (two passes
+    over the matrix, no label matrix); the offset lets one rank's rows sit inside the global columns.
     """
-    rows = logits.shape[0]
-    positive_columns = torch.arange(rows, device=logits.device) + positive_offset
-    positive_mask = torch.zeros_like(logits, dtype=torch.bool)
-    positive_mask[torch.arange(rows, device=logits.device), positive_columns] = True
-    return functional.softplus(torch.where(positive_mask, -logits, logits))
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    positives = (rows, rows + positive_offset)
+    return functional.softplus(logits).index_put(positives, functional.softplus(-logits[positives]))
 
 
 def sigmoid_pair_losses(logits: Tensor) -> Tensor:

@@ -42,7 +42,7 @@ JOINT_METHODS: tuple[str, ...] = ("jest", "hard_learner", "easy_reference")
 
 
 class _ConditionalScorer(Protocol):
-    """What the chunked sampler needs: c(k|A) for every k, and a way to grow A."""
+    """What the chunked sampler needs: c(k|A) for every k (``-inf`` for k already in A), and a way to grow A."""
 
     def scores(self) -> Tensor: ...
 
@@ -54,8 +54,10 @@ def _validate_scores(name: str, matrix: Tensor) -> None:
         raise ValueError(f"{name}: expected a square [B, B] matrix, got shape {tuple(matrix.shape)}")
     if matrix.shape[0] == 0:
         raise ValueError(f"{name}: the super-batch is empty")
-    if not bool(torch.isfinite(matrix).all()):
-        raise ValueError(f"{name}: contains NaN or infinite values")
+    # One reduction instead of an elementwise isfinite pass: the sum is NaN/inf iff some entry is, or the
+    # finite entries are so large that the conditional sums would overflow anyway.
+    if not math.isfinite(float(matrix.sum())):
+        raise ValueError(f"{name}: contains NaN or infinite values (or values too large to sum)")
 
 
 def _validate_sizes(super_batch: int, batch_size: int, n_chunks: int | None) -> None:
@@ -90,34 +92,35 @@ def _chunked_sample(
     like: Tensor,
     generator: torch.Generator | None,
 ) -> Tensor:
-    """Draw ``n_chunks`` chunks of ``batch_size // n_chunks`` by Gumbel top-k of c(k|A), masking A."""
+    """Draw ``n_chunks`` chunks of ``batch_size // n_chunks`` by Gumbel top-k of c(k|A) (A masked to -inf)."""
     per_chunk = batch_size // n_chunks
     noise = _gumbel_noise((n_chunks, super_batch), like, generator)
-    selected = torch.zeros(super_batch, dtype=torch.bool, device=like.device)
     chunks: list[Tensor] = []
     for chunk in range(n_chunks):
-        perturbed = scorer.scores().masked_fill(selected, -math.inf) + noise[chunk]
-        indices = torch.topk(perturbed, per_chunk, sorted=False).indices
+        indices = torch.topk(scorer.scores() + noise[chunk], per_chunk, sorted=False).indices
         chunks.append(indices)
-        selected[indices] = True
         if chunk + 1 < n_chunks:
             scorer.add(indices)
     return torch.cat(chunks)
 
 
 class _PairwiseScorer:
-    """c(k|A) = S_kk + Σ_{j∈A} (S_kj + S_jk), updated with the new chunk's columns and rows only."""
+    """c(k|A) = S_kk + Σ_{j∈A} (S_kj + S_jk), updated with the new chunk's rows of ``S + S.T`` only.
+
+    Selected items are set to ``-inf`` in place; adding finite scores keeps them there, so no mask is
+    needed (scores are validated finite).
+    """
 
     def __init__(self, scores: Tensor) -> None:
-        self._scores = scores
+        self._symmetric = scores + scores.T
         self._conditional = scores.diagonal().clone()
 
     def scores(self) -> Tensor:
         return self._conditional
 
     def add(self, indices: Tensor) -> None:
-        self._conditional += self._scores.index_select(1, indices).sum(dim=1)
-        self._conditional += self._scores.index_select(0, indices).sum(dim=0)
+        self._conditional += self._symmetric.index_select(0, indices).sum(dim=0)
+        self._conditional[indices] = -math.inf
 
 
 class _SoftmaxCost:
@@ -126,7 +129,7 @@ class _SoftmaxCost:
     ``logits`` is ``[M, B, B]`` (learner and reference share one set of ops). Keeps, per model and item k,
     ``row_lse[k] = LSE_{j∈A} L_kj`` and ``col_lse[k] = LSE_{i∈A} L_ik`` (for k ∈ A these are the selected
     rows' and columns' log partition functions), plus the selected rows and (transposed) columns of the
-    logits, appended chunk by chunk so each chunk costs O(M·B·|A|).
+    logits as ``lines[M, 2, |A|, B]``, appended chunk by chunk so each chunk costs O(M·B·|A|).
     """
 
     def __init__(self, logits: Tensor) -> None:
@@ -137,17 +140,15 @@ class _SoftmaxCost:
         self._row_lse = torch.full((models, size), -math.inf, dtype=logits.dtype, device=logits.device)
         self._col_lse = torch.full((models, size), -math.inf, dtype=logits.dtype, device=logits.device)
         self._selected = torch.empty(0, dtype=torch.long, device=logits.device)
-        self._selected_rows = logits.new_empty((models, 0, size))
-        self._selected_cols = logits.new_empty((models, 0, size))
+        self._lines = logits.new_empty((models, 2, 0, size))
 
     def add(self, indices: Tensor) -> None:
-        new_cols = self._logits_t.index_select(1, indices)  # [M, k, B]: column j of every row, j in the chunk
-        new_rows = self._logits.index_select(1, indices)  # [M, k, B]: row i of every column, i in the chunk
+        new_rows = self._logits.index_select(1, indices)  # [M, k, B]: L_ik for i in the chunk, every k
+        new_cols = self._logits_t.index_select(1, indices)  # [M, k, B]: L_kj for j in the chunk, every k
         self._row_lse = torch.logaddexp(self._row_lse, new_cols.logsumexp(dim=1))
         self._col_lse = torch.logaddexp(self._col_lse, new_rows.logsumexp(dim=1))
         self._selected = torch.cat([self._selected, indices])
-        self._selected_rows = torch.cat([self._selected_rows, new_rows], dim=1)
-        self._selected_cols = torch.cat([self._selected_cols, new_cols], dim=1)
+        self._lines = torch.cat([self._lines, torch.stack([new_rows, new_cols], dim=1)], dim=2)
 
     def cost(self) -> Tensor:
         """``[M, B]``: Lsum(A+{k}) - Lsum(A) for every k (meaningless for k already in A; callers mask those)."""
@@ -156,11 +157,18 @@ class _SoftmaxCost:
         change = own_row + own_col - 2 * self._diagonal
         if self._selected.numel():
             # Row i ∈ A gains column k: its LSE grows by softplus(L_ik - LSE_i); likewise column j ∈ A gains row k.
-            row_partition = self._row_lse.index_select(1, self._selected).unsqueeze(2)
-            col_partition = self._col_lse.index_select(1, self._selected).unsqueeze(2)
-            change = change + functional.softplus(self._selected_rows - row_partition).sum(dim=1)
-            change = change + functional.softplus(self._selected_cols - col_partition).sum(dim=1)
+            partitions = torch.stack(
+                [self._row_lse.index_select(1, self._selected), self._col_lse.index_select(1, self._selected)], dim=1
+            )
+            change = change + _softplus(self._lines - partitions.unsqueeze(3)).sum(dim=(1, 2))
         return change
+
+
+def _softplus(x: Tensor) -> Tensor:
+    """``log(1 + exp(x))`` as ``max(x, 0) + log(1 + exp(-|x|))``: stable, and about twice as fast on CPU as
+    ``functional.softplus`` (whose log1p is not vectorised); ``log(1 + y)`` for ``y`` in (0, 1] loses only
+    absolute precision below float epsilon, far below anything sampling can resolve."""
+    return torch.exp(x.abs().neg_()).add_(1).log_().add_(x.clamp(min=0))
 
 
 class _SoftmaxScorer:
@@ -169,12 +177,14 @@ class _SoftmaxScorer:
     def __init__(self, logits: Tensor, signs: Tensor) -> None:
         self._cost = _SoftmaxCost(logits)
         self._signs = signs.to(dtype=logits.dtype, device=logits.device).unsqueeze(1)
+        self._selected = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
 
     def scores(self) -> Tensor:
-        return (self._signs * self._cost.cost()).sum(dim=0)
+        return (self._signs * self._cost.cost()).sum(dim=0).masked_fill_(self._selected, -math.inf)
 
     def add(self, indices: Tensor) -> None:
         self._cost.add(indices)
+        self._selected[indices] = True
 
 
 def softmax_incremental_cost(logits: Tensor, selected: Tensor) -> Tensor:
@@ -203,6 +213,10 @@ def jest_select(
     """
     _validate_scores("scores", scores)
     _validate_sizes(scores.shape[0], batch_size, n_chunks)
+    return _pairwise_joint(scores, batch_size, n_chunks, generator)
+
+
+def _pairwise_joint(scores: Tensor, batch_size: int, n_chunks: int, generator: torch.Generator | None) -> Tensor:
     with torch.no_grad():
         working = scores.detach().to(_working_dtype(scores))
         return _chunked_sample(_PairwiseScorer(working), scores.shape[0], batch_size, n_chunks, working, generator)
@@ -329,4 +343,5 @@ def select_batch(
             term = term if sign > 0 else -term
             pair_scores = term if pair_scores is None else pair_scores + term
         assert pair_scores is not None
-        return jest_select(pair_scores, batch_size, n_chunks, generator)
+        _validate_sizes(pair_scores.shape[0], batch_size, n_chunks)
+        return _pairwise_joint(pair_scores, batch_size, n_chunks, generator)
