@@ -46,21 +46,17 @@ SCHEMA_DIR = Path(__file__).resolve().parent / "monitoring_schemas"
 KUBERNETES_VERSION = "1.32.0"
 RELEASE = "jest"
 NAMESPACE = "jest-system"
-WATCHED = ["team-a", "team-b"]
 
-MONITORING_ON: dict[str, Any] = {
-    "metrics": {"port": 9100, "serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}},
-    "prometheusRule": {"enabled": True},
-    "grafana": {"dashboards": {"enabled": True}},
-}
+# The install scenarios (charts/jest-operator/ci/<name>-values.yaml, also usable with chart-testing).
 CONFIGURATIONS: dict[str, dict[str, Any]] = {
     "default": {},
-    "monitoring-on": MONITORING_ON,
-    "namespaced": {"watchNamespaces": WATCHED},
-    "peering": {"replicas": 3},
-    "peering-namespaced": {"replicas": 2, "watchNamespaces": WATCHED},
-    "all-on": {**MONITORING_ON, "replicas": 2, "watchNamespaces": WATCHED},
+    **{
+        path.name.removesuffix("-values.yaml"): yaml.safe_load(path.read_text())
+        for path in sorted((CHART_DIR / "ci").glob("*-values.yaml"))
+    },
 }
+MONITORING_ON = CONFIGURATIONS["monitoring"]
+WATCHED: list[str] = CONFIGURATIONS["namespaced"]["watchNamespaces"]
 
 # Cluster-scoped resources the operator touches: these can only be granted by a ClusterRole.
 CLUSTER_SCOPED = {
@@ -207,6 +203,13 @@ def test_chart_metadata_matches_the_package() -> None:
     assert metadata["name"] == "jest-operator"
     assert metadata["appVersion"] == package_version
     assert re.fullmatch(r"\d+\.\d+\.\d+(-[0-9A-Za-z.-]+)?", metadata["version"])
+
+
+def test_install_scenarios_are_all_there() -> None:
+    """Removing a ci/ scenario would silently drop its coverage from every parametrised test below."""
+    assert set(CONFIGURATIONS) == {
+        "default", "monitoring", "namespaced", "peering", "peering-namespaced", "all-on"
+    }
 
 
 @pytest.mark.parametrize("configuration", ["default", "all-on"])
