@@ -78,8 +78,13 @@ def _working_dtype(matrix: Tensor) -> torch.dtype:
 
 
 def _gumbel_noise(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard Gumbel noise ``-log(-log U)``; U is clamped away from 0 so every draw is finite."""
-    uniform = torch.rand(shape, generator=generator, device=like.device, dtype=like.dtype)
+    """Standard Gumbel noise ``-log(-log U)``; U is clamped away from 0 so every draw is finite.
+
+    Drawn on the generator's device and moved to the scores' device, so a CPU generator seeded by
+    (seed, step, rank) gives the same selection whether the logits live on CPU or an accelerator.
+    """
+    device = generator.device if generator is not None else like.device
+    uniform = torch.rand(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
     uniform.clamp_(min=torch.finfo(like.dtype).tiny)
     return -torch.log(-torch.log(uniform))
 
@@ -208,8 +213,9 @@ def jest_select(
     """JEST joint sampling from a pairwise score matrix ``S`` (e.g. ``M^θ - M^θ*``); returns ``b`` unique indices.
 
     Chunk 1 ∝ ``exp(S_kk)``, chunk n ∝ ``exp(S_kk + Σ_{j∈A} S_kj + Σ_{j∈A} S_jk)`` over unselected k, each
-    chunk without replacement (Gumbel top-k). Indices come back in selection order as a LongTensor on
-    ``scores.device``; the same generator state gives the same selection.
+    chunk without replacement (Gumbel top-k). Indices come back chunk by chunk in selection order (order
+    within a chunk is arbitrary) as a LongTensor on ``scores.device``; the same generator state gives the
+    same selection, and the generator may live on another device than the scores (e.g. CPU).
     """
     _validate_scores("scores", scores)
     _validate_sizes(scores.shape[0], batch_size, n_chunks)
@@ -307,7 +313,8 @@ def select_batch(
         if given.dim() != 2 or given.shape[0] != given.shape[1]:
             raise ValueError(f"learner_logits: expected a square [B, B] matrix, got shape {tuple(given.shape)}")
         _validate_sizes(given.shape[0], batch_size, None)
-        return torch.randperm(given.shape[0], generator=generator, device=given.device)[:batch_size]
+        device = generator.device if generator is not None else given.device
+        return torch.randperm(given.shape[0], generator=generator, device=device)[:batch_size].to(given.device)
 
     learner = _require(method, "learner_logits", learner_logits) if method != "easy_reference" else None
     reference = _require(method, "reference_logits", reference_logits) if method != "hard_learner" else None
