@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -440,6 +441,19 @@ def test_crd_text_is_emitted_verbatim(chart: helm_python.Chart) -> None:
     position = 0
     for line in generated_lines:  # the generated lines appear in order, each exactly once
         position = rendered_lines.index(line, position) + 1
+
+
+def test_packaged_chart_carries_the_crd_content(tmp_path: Path) -> None:
+    """`helm package` stores the linked CRD as a regular file, so a published chart needs no repository."""
+    archive = helm_python.package(CHART_DIR, destination=tmp_path)
+    with tarfile.open(archive) as tar:
+        member = tar.getmember("jest-operator/crd/jesttrainingjobs.jest.training.yaml")
+        assert member.isfile()
+        assert tar.extractfile(member).read() == GENERATED_CRD.read_bytes()
+        assert not [m.name for m in tar.getmembers() if m.name.startswith("jest-operator/ci/")]
+    with helm_python.Chart.load(archive) as packaged:
+        crd = only(render(packaged), "CustomResourceDefinition", "jesttrainingjobs.jest.training")
+    assert _without_chart_additions(crd) == yaml.safe_load(GENERATED_CRD.read_text())
 
 
 def test_crd_install_switch(chart: helm_python.Chart) -> None:
