@@ -231,3 +231,16 @@ def test_data_digits_writes_readable_shards(tmp_path: Path, capsys: pytest.Captu
     assert set(patterns) == {"pool", "curated", "test"}
     assert len(read_webdataset(patterns["test"])) > 100
     assert main(["data", "digits", "--out", str(tmp_path), "--wrong", "0.9", "--junk", "0.5"]) == EXIT_USAGE
+
+
+def test_scaling_benchmark_summarises_scraped_phase_totals(repo_root: Path) -> None:
+    import runpy
+
+    scaling = runpy.run_path(str(repo_root / "bench" / "scaling.py"), run_name="jest_bench_scaling")
+    totals = {"phase:selection": 3.0, "phase:forward_backward": 1.0, "phase:optimizer": 1.0, "phase:data": 0.0,
+              "jest_step_duration_seconds_sum": 5.0, "jest_step_duration_seconds_count": 10.0}
+    rank = scaling["summarise_rank"](totals)
+    assert rank["steps_observed"] == 10 and rank["step_seconds"] == pytest.approx(0.5)
+    assert rank["selection_fraction"] == pytest.approx(0.6)
+    run = {"ranks": {"0": rank, "1": {**rank, "step_seconds": 1.0}}}
+    assert scaling["_training_seconds"](run) == pytest.approx(0.4)
