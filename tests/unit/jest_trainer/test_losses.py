@@ -13,6 +13,7 @@ from jest_trainer.losses import (
     sigmoid_pair_losses,
     softmax_batch_loss,
     softmax_logits,
+    softplus_no_grad,
 )
 from open_clip.loss import ClipLoss, SigLipLoss
 from torch.nn import functional
@@ -53,6 +54,28 @@ def test_sigmoid_pair_losses_stay_finite_for_extreme_logits() -> None:
     losses = sigmoid_pair_losses(logits)
     assert torch.isfinite(losses).all()
     torch.testing.assert_close(losses, torch.tensor([[0.0, 0.0], [0.0, 1e4]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_no_grad_softplus_agrees_with_torch(dtype: torch.dtype) -> None:
+    extremes = torch.tensor([0.0, 1e-8, -1e-8, 1e4, -1e4], dtype=dtype)
+    x = torch.cat([torch.linspace(-120, 120, 2001, dtype=dtype), extremes])
+    torch.testing.assert_close(softplus_no_grad(x), functional.softplus(x))
+    before = x.clone()
+    softplus_no_grad(x)
+    assert torch.equal(x, before)
+
+
+def test_pair_losses_with_and_without_gradient_agree_and_differentiate_correctly_at_zero() -> None:
+    logits = torch.tensor([[0.0, 3.0], [-2.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    with_grad = sigmoid_pair_losses(logits)
+    with torch.no_grad():
+        torch.testing.assert_close(with_grad.detach(), sigmoid_pair_losses(logits))
+    with_grad.sum().backward()
+    # d/dL softplus(-L) = -sigmoid(-L) on the diagonal, d/dL softplus(L) = sigmoid(L) off it.
+    expected = torch.tensor([[-0.5, torch.sigmoid(torch.tensor(3.0)).item()],
+                             [torch.sigmoid(torch.tensor(-2.0)).item(), -0.5]], dtype=torch.float64)
+    torch.testing.assert_close(logits.grad, expected)
 
 
 def test_sigmoid_batch_loss_matches_open_clip_siglip() -> None:
