@@ -577,7 +577,9 @@ class GangRunner:
                                    metrics_port=port)
             command.env.update(self.extra_env)
             log_path = self.workdir / "logs" / f"attempt-{attempt}" / f"rank-{rank}.log"
-            processes.append(LocalPodProcess(command, rank=rank, sink=self.sink, log_path=log_path,
+            # a torchrun pod holds several ranks: label its lines by node, not by a rank it does not own
+            label = f"node {rank}" if self.procs_per_pod > 1 else None
+            processes.append(LocalPodProcess(command, rank=rank, label=label, sink=self.sink, log_path=log_path,
                                              die_with_parent=self.die_with_parent))
         return processes
 

@@ -245,3 +245,14 @@ def test_exceeding_backoff_limit_fails_with_the_worker_error(tmp_path: Path) -> 
     assert "BackoffLimitExceeded" in result["message"]
     assert str(missing) in result["message"] and "does not exist" in result["message"]
     assert "worker rank" in result["message"]
+
+
+def test_torchrun_pod_runs_its_processes_as_one_local_node(tmp_path: Path) -> None:
+    """numProcPerNode=2: the builders' torchrun command with PET_* variables, rewritten to loopback."""
+    with jestctl(tmp_path, tmp_path / "work", "spec.numNodes=1", "spec.numProcPerNode=2",
+                 "spec.training.steps=12") as (process, summary_path):
+        output = finish(process)
+    assert process.returncode == 0, output
+    summary = json.loads(summary_path.read_text())
+    assert (summary["phase"], summary["world_size"], summary["steps"]) == ("Succeeded", 2, 12)
+    assert "[node 0]" in output and "[rank 1]" in output  # torchrun's second local rank logs through node 0
