@@ -173,6 +173,7 @@ class _SoftmaxScorer:
     """c(k|A) = Σ_m sign_m · (Lsum_m(A+{k}) - Lsum_m(A)) over stacked models (learner +1, reference -1)."""
 
     def __init__(self, logits: Tensor, signs: Tensor) -> None:
+        self.logits = logits
         self._cost = _SoftmaxCost(logits)
         self._signs = signs.to(dtype=logits.dtype, device=logits.device).unsqueeze(1)
         self._selected = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
@@ -189,8 +190,7 @@ def softmax_incremental_cost(logits: Tensor, selected: Tensor) -> Tensor:
     """Exact ``Lsum(A+{k}) - Lsum(A)`` for every k, with Lsum the summed CLIP loss and ``A = selected``.
 
     ``Lsum(A) = 2|A|·softmax_batch_loss(logits[A][:, A])`` (and ``Lsum(∅) = 0``). Entries for k already in A
-    are not meaningful. This is the quantity :func:`jest_select_softmax` samples with, exposed for tests and
-    diagnostics.
+    are not meaningful. One model's half of :func:`softmax_conditional_scores`, for tests and diagnostics.
     """
     _validate_scores("logits", logits)
     with torch.no_grad():
@@ -198,6 +198,21 @@ def softmax_incremental_cost(logits: Tensor, selected: Tensor) -> Tensor:
         if selected.numel():
             cost.add(selected.to(device=logits.device, dtype=torch.long))
         return cost.cost()[0]
+
+
+def softmax_conditional_scores(learner_logits: Tensor, reference_logits: Tensor, selected: Tensor) -> Tensor:
+    """The c(k|A) :func:`jest_select_softmax` samples chunk n with, given ``A = selected`` (``-inf`` on A).
+
+    ``c(k|A) = [Lsum^θ(A+{k}) - Lsum^θ(A)] - [Lsum^θ*(A+{k}) - Lsum^θ*(A)]``, computed by the same
+    incremental scorer the sampler uses (exposed so tests can compare it with brute-force CLIP losses).
+    """
+    _validate_scores("learner_logits", learner_logits)
+    _validate_scores("reference_logits", reference_logits)
+    with torch.no_grad():
+        scorer = _softmax_scorer([(1.0, learner_logits), (-1.0, reference_logits)])
+        if selected.numel():
+            scorer.add(selected.to(device=learner_logits.device, dtype=torch.long))
+        return scorer.scores()
 
 
 def jest_select(
@@ -227,10 +242,15 @@ def _softmax_joint(
     size = terms[0][1].shape[0]
     _validate_sizes(size, batch_size, n_chunks)
     with torch.no_grad():
-        dtype = torch.float64 if any(_working_dtype(logits) == torch.float64 for _, logits in terms) else torch.float32
-        stacked = torch.stack([logits.detach().to(dtype) for _, logits in terms])
-        signs = torch.tensor([sign for sign, _ in terms])
-        return _chunked_sample(_SoftmaxScorer(stacked, signs), size, batch_size, n_chunks, stacked, generator)
+        scorer = _softmax_scorer(terms)
+        return _chunked_sample(scorer, size, batch_size, n_chunks, scorer.logits, generator)
+
+
+def _softmax_scorer(terms: list[tuple[float, Tensor]]) -> _SoftmaxScorer:
+    """Stack the models' logits (float32, or float64 if any input is) with their signs."""
+    dtype = torch.float64 if any(_working_dtype(logits) == torch.float64 for _, logits in terms) else torch.float32
+    stacked = torch.stack([logits.detach().to(dtype) for _, logits in terms])
+    return _SoftmaxScorer(stacked, torch.tensor([sign for sign, _ in terms]))
 
 
 def jest_select_softmax(
