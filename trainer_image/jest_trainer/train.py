@@ -216,6 +216,28 @@ def init_distributed(env: Mapping[str, str] | None = None, *, timeout_seconds: f
     return DistContext(world_size=world, rank=rank, local_rank=local_rank, backend=backend, device=device)
 
 
+def configure_cpu_threads(env: Mapping[str, str], ctx: DistContext) -> int | None:
+    """Avoid CPU oversubscription when every rank of a CPU job runs on this host; returns the threads set.
+
+    When ``OMP_NUM_THREADS`` is unset, the job runs on CPU with several ranks and ``MASTER_ADDR`` is a
+    loopback address (``jestctl run``, the local kubelet, ``torchrun --standalone``), all ranks share
+    this machine: each gets ``usable CPUs // world size`` intra-op threads (at least 1). Without this,
+    every rank starts one spinning OpenMP thread per core and a 2-rank job on 2 cores runs >10x slower.
+    In a pod (``MASTER_ADDR`` is a Service name) or with ``OMP_NUM_THREADS`` set, nothing is changed.
+    """
+    if env.get("OMP_NUM_THREADS") or ctx.device.type != "cpu" or not ctx.distributed:
+        return None
+    if env.get("MASTER_ADDR", "") not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count() or 1
+    threads = max(1, usable // ctx.world_size)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def _all_reduce(values: list[float], ctx: DistContext, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> list[float]:
     """All-reduce a few floats (identity in a single process)."""
     if not ctx.distributed:
@@ -474,6 +496,8 @@ def train(
     with _signal_handlers(flag, install_signal_handlers):
         own_ctx = ctx is None
         ctx = init_distributed(env) if ctx is None else ctx
+        if own_ctx:
+            configure_cpu_threads(env, ctx)
         try:
             return _train(config, env=env, ctx=ctx, prepared=prepared, flag=flag, stop_flag=stop_flag)
         finally:

@@ -241,3 +241,17 @@ def test_debug_dump_allows_recomputing_the_selection(tmp_path: Path, prepared) -
     )
     assert torch.equal(again, record["selected"])
     assert record["candidate_indices"].shape == (160,)
+
+
+def test_cpu_threads_are_split_between_ranks_sharing_this_host() -> None:
+    before = torch.get_num_threads()
+    two_ranks = train_mod.DistContext(world_size=2, rank=0, local_rank=0, backend="gloo", device=torch.device("cpu"))
+    try:
+        threads = train_mod.configure_cpu_threads({"MASTER_ADDR": "127.0.0.1"}, two_ranks)
+        assert threads is not None and threads >= 1
+        assert torch.get_num_threads() == threads
+        assert train_mod.configure_cpu_threads({"MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "3"}, two_ranks) is None
+        assert train_mod.configure_cpu_threads({"MASTER_ADDR": "job-node-0.job.ns.svc"}, two_ranks) is None
+        assert train_mod.configure_cpu_threads({"MASTER_ADDR": "127.0.0.1"}, SINGLE) is None
+    finally:
+        torch.set_num_threads(before)
