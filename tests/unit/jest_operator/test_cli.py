@@ -244,3 +244,14 @@ def test_scaling_benchmark_summarises_scraped_phase_totals(repo_root: Path) -> N
     assert rank["selection_fraction"] == pytest.approx(0.6)
     run = {"ranks": {"0": rank, "1": {**rank, "step_seconds": 1.0}}}
     assert scaling["_training_seconds"](run) == pytest.approx(0.4)
+
+
+def test_local_thread_env_splits_cores_unless_the_user_chose() -> None:
+    import os
+
+    from jest_operator.cli import local_thread_env
+
+    assert local_thread_env(2, {"OMP_NUM_THREADS": "3"}) == {}
+    cores = len(os.sched_getaffinity(0))
+    assert local_thread_env(1, {}) == {"OMP_NUM_THREADS": str(cores)}
+    assert local_thread_env(10_000, {}) == {"OMP_NUM_THREADS": "1"}
