@@ -38,7 +38,7 @@ from jest_trainer.config import SELECTION_METHODS
 from jest_trainer.losses import LOSS_KINDS, sigmoid_pair_losses, softplus_no_grad
 
 METHODS: tuple[str, ...] = SELECTION_METHODS
-JOINT_METHODS: tuple[str, ...] = ("jest", "hard_learner", "easy_reference")
+JOINT_METHODS: tuple[str, ...] = ("jest", "hard_learner", "easy_reference")  # the chunked samplers
 
 
 class _ConditionalScorer(Protocol):
@@ -283,10 +283,6 @@ def _per_example_softmax_loss(logits: Tensor) -> Tensor:
     return (rows + cols) / 2
 
 
-def _top(scores: Tensor, batch_size: int) -> Tensor:
-    return torch.topk(scores, batch_size, sorted=True).indices
-
-
 def _require(method: str, name: str, logits: Tensor | None) -> Tensor:
     if logits is None:
         raise ValueError(f"{name}: required by selection method {method!r}")
@@ -343,10 +339,11 @@ def select_batch(
             learner_w = learner.detach().to(_working_dtype(learner))
             reference_w = reference.detach().to(_working_dtype(reference))
             if loss == "sigmoid":
-                scores = sigmoid_pair_losses(learner_w).diagonal() - sigmoid_pair_losses(reference_w).diagonal()
+                # S_kk = M^θ_kk - M^θ*_kk, and a positive pair's loss is softplus(-L_kk).
+                scores = softplus_no_grad(-learner_w.diagonal()) - softplus_no_grad(-reference_w.diagonal())
             else:
                 scores = _per_example_softmax_loss(learner_w) - _per_example_softmax_loss(reference_w)
-            return _top(scores, batch_size)
+            return torch.topk(scores, batch_size, sorted=True).indices
 
     terms: list[tuple[float, Tensor]] = []
     if learner is not None:
