@@ -18,8 +18,9 @@ Distributed training (:func:`contrastive_loss` with ``world_size > 1``) uses glo
 computes only its own rows (its images against every rank's texts, and for softmax also its texts
 against every rank's images), features are all-gathered *with* gradient, and the returned value is the
 global single-process loss on every rank. Gradient convention: after ``backward()`` on every rank, the
-gradient reaching the local features (and parameters) is ``world_size`` times the gradient of the global
-loss, so DDP's mean all-reduce of parameter gradients yields exactly the single-process gradient.
+gradient reaching the local features is ``world_size`` times the global loss's gradient for those rows, and
+the mean over ranks of each replicated parameter's gradient (tower weights, logit scale and bias) equals
+the single-process gradient, which is exactly what DDP's mean all-reduce computes.
 """
 
 from __future__ import annotations
@@ -149,13 +150,11 @@ def _distributed_world(group: dist.ProcessGroup | None) -> int:
     return dist.get_world_size(group)
 
 
-def _check_equal_local_batches(rows: int, group: dist.ProcessGroup | None) -> None:
-    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size(group))]
-    mine = torch.tensor([rows], dtype=torch.long)
-    if dist.get_backend(group) == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-        sizes = [size.to(device) for size in sizes]
-        mine = mine.to(device)
+def _check_equal_local_batches(rows: int, device: torch.device, group: dist.ProcessGroup | None) -> None:
+    # gloo gathers CPU tensors; NCCL and XLA need them on the features' device.
+    device = torch.device("cpu") if dist.get_backend(group) == "gloo" else device
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size(group))]
+    mine = torch.tensor([rows], dtype=torch.long, device=device)
     dist.all_gather(sizes, mine, group=group)
     if any(int(size.item()) != rows for size in sizes):
         raise ValueError(
@@ -206,7 +205,7 @@ def contrastive_loss(
         return softmax_batch_loss(softmax_logits(image, text, logit_scale))
 
     if check_batch_sizes:
-        _check_equal_local_batches(image.shape[0], group)
+        _check_equal_local_batches(image.shape[0], image.device, group)
     rows = image.shape[0]
     offset = dist.get_rank(group) * rows
     all_text = _GatherWithGradient.apply(text, group)
