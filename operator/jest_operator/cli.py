@@ -345,8 +345,8 @@ def command_run(args: argparse.Namespace) -> int:
     print_summary(summary)
     if result.phase == "Succeeded":
         return EXIT_OK
-    if result.phase == "Suspended":
-        return 128 + (result.interrupted_by or signal.SIGTERM)
+    if result.phase == "Suspended" and result.interrupted_by is not None:
+        return 128 + result.interrupted_by
     return EXIT_FAILED
 
 

@@ -471,6 +471,15 @@ def describe_exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
+def unfinished(progress: Mapping[str, Any] | None) -> bool:
+    """Whether rank 0's last progress says training stopped before its last step (a clean early exit:
+    the trainer checkpoints and exits 0 on SIGTERM). Without a progress file the exit codes decide."""
+    if not progress or progress.get("phase") == "Succeeded":
+        return False
+    step, total = progress.get("step"), progress.get("totalSteps")
+    return isinstance(step, int) and isinstance(total, int) and step < total
+
+
 @dataclass(frozen=True)
 class WorkerFailure:
     """Why a gang attempt failed: the worker blamed, its exit, its last stderr lines, other failed ranks."""
@@ -660,6 +669,11 @@ class GangRunner:
                 last_progress = final_progress
             if self.on_progress is not None:
                 self.on_progress(last_progress, attempt)
+            if outcome == "succeeded" and unfinished(last_progress):
+                progress = last_progress or {}
+                return result("Suspended", f"the workers exited 0 at step {progress.get('step')} of "
+                                           f"{progress.get('totalSteps')} (stopped from outside, e.g. SIGTERM); "
+                                           "run again to resume")
             if outcome == "succeeded":
                 return result("Succeeded", f"all {len(processes)} workers succeeded")
             if outcome == "interrupted":

@@ -31,6 +31,7 @@ from jest_operator.local import (
     pod_rank,
     read_progress,
     terminate_all,
+    unfinished,
 )
 
 WORKER_CONFIG = {"training": {"steps": 10, "checkpoint": {"dir": "/checkpoints", "intervalSteps": 5}}, "energy": {}}
@@ -328,6 +329,8 @@ if behaviour == "fail-first" and attempt == 0 and rank == 1:
 if behaviour == "always-fail" and rank == 1:
     print(f"data path does not exist (attempt {attempt})", file=sys.stderr, flush=True)
     sys.exit(2)
+if behaviour == "stop-early":
+    sys.exit(0)
 if behaviour == "wait":
     print("waiting", flush=True)
     time.sleep(60)
@@ -398,6 +401,19 @@ def test_gang_stop_forwards_sigterm_and_suspends(tmp_path: Path) -> None:
     assert result.phase == "Suspended" and result.interrupted_by == signal.SIGTERM
     assert sum("sigterm: checkpointed" in line for line in lines) == 2
     assert result.restarts == 0
+
+
+def test_gang_whose_workers_exit_zero_before_the_last_step_is_suspended(tmp_path: Path) -> None:
+    result = gang(tmp_path, "stop-early").run()
+    assert result.phase == "Suspended" and result.interrupted_by is None
+    assert "at step 0 of 3" in result.message and "run again to resume" in result.message
+
+
+def test_unfinished_reads_the_progress_phase() -> None:
+    assert not unfinished(None)
+    assert not unfinished({"phase": "Succeeded", "step": 3, "totalSteps": 3})
+    assert unfinished({"phase": "Running", "step": 1, "totalSteps": 3})
+    assert not unfinished({"phase": "Running"})
 
 
 def test_gang_deadline_fails_the_run(tmp_path: Path) -> None:
