@@ -95,6 +95,12 @@ def mean_curve(histories: Sequence[Sequence[Sequence[float]]]) -> list[list[floa
     return [[step, statistics.fmean(values)] for step, values in complete]
 
 
+def jest_steps_to_uniform_final(methods_doc: dict[str, Any]) -> float | None:
+    """Interpolated step at which JEST's mean curve reaches uniform's final mean accuracy (None if never)."""
+    target = methods_doc["uniform"]["curve"][-1][1]
+    return steps_to_reach(methods_doc["jest"]["curve"], target)
+
+
 def _std(values: Sequence[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -182,18 +188,15 @@ def summarise(
             "curve": mean_curve([summary["eval_history"] for summary in summaries]),
             "selected_mix": {kind: count / total_selected for kind, count in counts.items()},
             "flops": flops,
-            "flops_per_step": flops["total"] / steps,
         }
     speedup: dict[str, float | None] = {"iterations_to_uniform_final": None, "flops_to_uniform_final": None}
     if "uniform" in methods_doc and "jest" in methods_doc:
         uniform, jest = methods_doc["uniform"], methods_doc["jest"]
-        target = uniform["curve"][-1][1]
-        needed = steps_to_reach(jest["curve"], target)
+        needed = jest_steps_to_uniform_final(methods_doc)
         if needed is not None and needed > 0:
             speedup["iterations_to_uniform_final"] = uniform["curve"][-1][0] / needed
-            speedup["flops_to_uniform_final"] = uniform["flops"]["total"] / (needed * jest["flops_per_step"])
-        speedup["target_accuracy"] = target
-        speedup["jest_steps_to_target"] = needed
+            jest_flops_per_step = jest["flops"]["total"] / steps
+            speedup["flops_to_uniform_final"] = uniform["flops"]["total"] / (needed * jest_flops_per_step)
     overhead = None
     if "jest" in runs:
         arithmetic = sum(summary["selection_arithmetic_seconds"] for summary in runs["jest"])
@@ -227,13 +230,18 @@ def print_table(document: dict[str, Any]) -> None:
             f"{statistics.fmean(accuracies):.3f} ± {_std(accuracies):.3f}",
             f"{result['selected_mix']['clean']:.2f}",
             f"{result['flops']['total'] / 1e9:,.1f}",
-            f"{result['flops_per_step'] / 1e9:.3f}",
+            f"{result['flops']['total'] / document['steps'] / 1e9:.3f}",
         )
-    console = Console()
+    console = Console(width=120)
     console.print(table)
     reference = document["reference_accuracy"]
     console.print(f"pool mix {document['pool_mix']}; reference accuracy {statistics.fmean(reference):.3f}")
     console.print(f"speed-up of JEST over uniform: {document['speedup']}")
+    if "uniform" in document["methods"] and "jest" in document["methods"]:
+        console.print(
+            f"uniform's final mean accuracy {document['methods']['uniform']['curve'][-1][1]:.3f} is reached by "
+            f"JEST at step {jest_steps_to_uniform_final(document['methods'])}"
+        )
     console.print(f"selection arithmetic fraction of a JEST step: {document['selection_overhead_fraction']}")
 
 
@@ -249,7 +257,8 @@ def plot(document: dict[str, Any], path: Path) -> None:
         steps = [point[0] for point in result["curve"]]
         accuracy = [point[1] for point in result["curve"]]
         by_step.plot(steps, accuracy, label=method)
-        by_flops.plot([step * result["flops_per_step"] for step in steps], accuracy, label=method)
+        per_step = result["flops"]["total"] / document["steps"]
+        by_flops.plot([step * per_step for step in steps], accuracy, label=method)
     by_step.set_xlabel("training step")
     by_flops.set_xlabel("cumulative FLOPs (training + selection)")
     by_flops.set_xscale("symlog", linthresh=1e9)

@@ -255,3 +255,69 @@ def test_cpu_threads_are_split_between_ranks_sharing_this_host() -> None:
         assert train_mod.configure_cpu_threads({"MASTER_ADDR": "127.0.0.1"}, SINGLE) is None
     finally:
         torch.set_num_threads(before)
+
+
+# --- the selection benchmark's arithmetic and CLI ----------------------------------------------------
+
+
+def test_steps_to_reach_interpolates_on_the_mean_curve() -> None:
+    from jest_trainer.benchmark import mean_curve, steps_to_reach
+
+    curve = mean_curve([[[0, 0.1, 0], [10, 0.5, 1], [20, 0.7, 2]], [[0, 0.1, 0], [10, 0.3, 1], [20, 0.9, 2]]])
+    assert curve == [[0.0, pytest.approx(0.1)], [10.0, pytest.approx(0.4)], [20.0, pytest.approx(0.8)]]
+    assert steps_to_reach(curve, 0.6) == pytest.approx(15.0)
+    assert steps_to_reach(curve, 0.05) == 0.0
+    assert steps_to_reach(curve, 0.95) is None
+
+
+def test_summarise_reports_speedups_mixes_and_overhead() -> None:
+    from jest_trainer.benchmark import summarise
+
+    def run(curve, per_step_flops, mix, arithmetic=0.0):
+        return {"final_accuracy": curve[-1][1], "eval_history": [[s, a, 0.0] for s, a in curve],
+                "selected_mix": mix, "flops": {"train": 10.0 * per_step_flops, "selection_learner": 0.0,
+                                               "selection_reference": 0.0, "total": 10.0 * per_step_flops},
+                "selection_arithmetic_seconds": arithmetic, "step_seconds": 2.0}
+
+    runs = {
+        "uniform": [run([[0, 0.1], [5, 0.3], [10, 0.5]], 1.0, {"clean": 2, "wrong": 8})],
+        "jest": [run([[0, 0.1], [5, 0.7], [10, 0.8]], 3.0, {"clean": 6, "wrong": 4}, arithmetic=0.2)],
+    }
+    document = summarise(runs, filter_ratio=0.8, steps=10, seeds=[7], reference_accuracy=[0.9],
+                         pool_mix={"clean": 0.2, "wrong": 0.8})
+    assert set(document) == {"filter_ratio", "steps", "seeds", "pool_mix", "reference_accuracy", "methods",
+                             "speedup", "selection_overhead_fraction"}
+    assert set(document["speedup"]) == {"iterations_to_uniform_final", "flops_to_uniform_final"}
+    jest_needed = 5 * (0.5 - 0.1) / (0.7 - 0.1)
+    assert document["speedup"]["iterations_to_uniform_final"] == pytest.approx(10 / jest_needed)
+    assert document["speedup"]["flops_to_uniform_final"] == pytest.approx(10.0 / (jest_needed * 3.0))
+    assert document["methods"]["jest"]["selected_mix"]["clean"] == pytest.approx(0.6)
+    assert document["methods"]["jest"]["selected_mix"]["junk"] == 0.0
+    assert document["selection_overhead_fraction"] == pytest.approx(0.1)
+    assert document["pool_mix"] == {"clean": 0.2, "wrong": 0.8, "junk": 0.0, "duplicate": 0.0}
+
+
+@pytest.mark.slow
+def test_benchmark_cli_writes_the_documented_json_and_plot(tmp_path: Path) -> None:
+    from jest_trainer.benchmark import main
+
+    out, png = tmp_path / "selection.json", tmp_path / "selection.png"
+    code = main(["selection", "--seeds", "1", "--seed-offset", "5", "--filter-ratio", "0.5", "--steps", "4",
+                 "--eval-every", "2", "--methods", "jest,uniform", "--set", "reference.train.steps=5",
+                 "--out", str(out), "--plot", str(png)])
+    assert code == 0
+    document = json.loads(out.read_text())
+    assert document["filter_ratio"] == 0.5 and document["steps"] == 4 and document["seeds"] == [5]
+    assert set(document["methods"]) == {"jest", "uniform"}
+    jest = document["methods"]["jest"]
+    assert [point[0] for point in jest["curve"]] == [0.0, 2.0, 4.0]
+    assert set(jest["flops"]) == {"train", "selection_learner", "selection_reference", "total"}
+    assert document["methods"]["uniform"]["flops"]["selection_learner"] == 0
+    assert 0 < document["selection_overhead_fraction"] < 1
+    assert png.stat().st_size > 10_000
+
+
+def test_benchmark_rejects_unknown_methods(tmp_path: Path) -> None:
+    from jest_trainer.benchmark import main
+
+    assert main(["selection", "--methods", "jest,magic", "--out", str(tmp_path / "x.json")]) == 2
