@@ -451,7 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``jestctl`` argument parser (one sub-command per verb)."""
     from jest_trainer.config import NoiseConfig
 
-    parser = argparse.ArgumentParser(prog="jestctl", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="jestctl",
+        description="Run, render and validate JESTTrainingJob manifests without a cluster.",
+        epilog="exit codes: 0 success, 1 the job failed, 2 bad manifest or flags, 130/143 interrupted by "
+               "SIGINT/SIGTERM after the workers checkpointed (the next run resumes)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run a JESTTrainingJob locally as a gang of worker processes")
