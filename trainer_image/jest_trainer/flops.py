@@ -13,7 +13,8 @@ executes on one rank, with multiply-add = 2 FLOPs:
   embeddings (no reference forward at all) — only for methods that look at the reference.
 
 The O(B·b) selection arithmetic itself (pair losses, conditional scores, Gumbel top-k) is not model
-compute and is timed instead of counted (phase ``selection``).
+compute and is timed instead of counted (phase ``selection``); zero-shot evaluation is not training
+work and is not counted either.
 """
 
 from __future__ import annotations

@@ -572,11 +572,22 @@ def _train(
     last_checkpoint: dict[str, Any] | None = None
     if loaded is not None:
         state = loaded["state"]
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise ValueError(
+                f"training.checkpoint.dir: checkpoint {loaded['path']} does not fit training.model / optimizer "
+                f"of this job ({error}); use a fresh checkpoint directory for a different model"
+            ) from error
         start_step = int(state["step"])
         counters = _Counters.from_state(state.get("counters", {}))
         same_world = int(state.get("world_size", 1)) == ctx.world_size
+        if not same_world and ctx.is_main:
+            log.warning(
+                "checkpoint was written by %s ranks, this job has %d: model and optimizer resume, but the data "
+                "order and RNG streams restart for the new sharding", state.get("world_size"), ctx.world_size,
+            )
         rng_states = state.get("rng", [])
         if same_world and ctx.rank < len(rng_states):
             ckpt.restore_rng_state(rng_states[ctx.rank])

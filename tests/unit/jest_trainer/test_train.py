@@ -212,6 +212,17 @@ def test_a_corrupted_newest_checkpoint_is_skipped_on_resume(tmp_path: Path, prep
 
 
 @pytest.mark.slow
+def test_a_checkpoint_of_another_model_is_a_clear_error(tmp_path: Path, prepared) -> None:
+    from jest_trainer.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path, 2, {"step": 2, "model": {"other.weight": torch.zeros(3)}, "optimizer": {}}, keep=1)
+    with pytest.raises(ValueError, match=r"training\.checkpoint\.dir"):
+        _run(_config(tmp_path, steps=4), prepared)
+    progress = json.loads((tmp_path / "progress.json").read_text()) if (tmp_path / "progress.json").exists() else None
+    assert progress is None or progress["phase"] == "Failed"
+
+
+@pytest.mark.slow
 def test_flops_and_counters_accumulate_per_step(tmp_path: Path, prepared) -> None:
     jest = _run(_config(tmp_path / "jest", steps=2), prepared)
     uniform = _run(_config(tmp_path / "uniform", steps=2, method="uniform"), prepared)
