@@ -258,10 +258,11 @@ def plot(document: dict[str, Any], path: Path) -> None:
         accuracy = [point[1] for point in result["curve"]]
         by_step.plot(steps, accuracy, label=method)
         per_step = result["flops"]["total"] / document["steps"]
-        by_flops.plot([step * per_step for step in steps], accuracy, label=method)
+        after_start = [(step * per_step, acc) for step, acc in zip(steps, accuracy, strict=True) if step > 0]
+        by_flops.plot([x for x, _ in after_start], [y for _, y in after_start], label=method)
     by_step.set_xlabel("training step")
     by_flops.set_xlabel("cumulative FLOPs (training + selection)")
-    by_flops.set_xscale("symlog", linthresh=1e9)
+    by_flops.set_xscale("log")
     for axis in (by_step, by_flops):
         axis.set_ylabel(f"zero-shot accuracy (mean of {len(document['seeds'])} seeds)")
         axis.grid(alpha=0.3)
