@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-fast lint crds bench bench-selection bench-scaling bench-reconcile prometheus clean
+.PHONY: venv demo test test-fast lint crds bench bench-selection bench-scaling bench-reconcile bench-energy bench-arithmetic prometheus clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,10 +41,22 @@ prometheus:
 	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
 
-bench: bench-selection
+bench: bench-selection bench-scaling bench-reconcile bench-energy bench-arithmetic
 
 bench-selection: $(STAMP)
 	$(VENV)/bin/jestctl bench selection --seeds 3 --filter-ratio 0.8 --out bench/results/selection.json
+
+bench-scaling: $(STAMP)
+	$(VENV)/bin/jestctl bench scaling --workers 1,2 --batch-size 256 --steps 60 --out bench/results/scaling.json
+
+bench-reconcile: $(STAMP)
+	$(PY) bench/reconcile_scale.py
+
+bench-energy: $(STAMP)
+	$(PY) bench/energy_sampler.py
+
+bench-arithmetic: $(STAMP)
+	$(PY) bench/selection_arithmetic.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache
