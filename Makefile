@@ -19,6 +19,7 @@ venv: $(STAMP)
 
 ## make demo: run examples/quickstart.yaml locally (2 CPU workers, digits, JEST at f=0.8)
 demo: $(STAMP)
+	rm -rf .demo
 	$(VENV)/bin/jestctl run examples/quickstart.yaml --workdir .demo --json .demo/summary.json
 
 ## make test: lint, CRD drift, unit, integration and end-to-end tests
