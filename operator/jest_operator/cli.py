@@ -34,14 +34,16 @@ class ManifestError(Exception):
     """A manifest or flag problem reported to the user as one line (field named where there is one)."""
 
 
-def load_manifests(path: Path) -> list[dict[str, Any]]:
-    """Every ``JESTTrainingJob`` document of a (multi-document) YAML file."""
+def load_job_documents(path: Path) -> list[dict[str, Any]]:
+    """Every ``JESTTrainingJob`` document of a (multi-document) YAML file, numbers read as kubectl reads them."""
+    from jest_operator.api import load_manifests as manifest_loader
+
     try:
         text = path.read_text()
     except OSError as error:
         raise ManifestError(f"{path}: cannot read: {error.strerror or error}") from error
     try:
-        documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
+        documents = manifest_loader(text)
     except yaml.YAMLError as error:
         raise ManifestError(f"{path}: not valid YAML: {error}") from error
     jobs = []
@@ -86,7 +88,7 @@ def parse_manifest(document: dict[str, Any], overrides: Sequence[str] = ()) -> A
 
 def load_one_job(path: Path, overrides: Sequence[str] = ()) -> Any:
     """The single JESTTrainingJob of ``path`` after overrides, validated."""
-    documents = load_manifests(path)
+    documents = load_job_documents(path)
     if len(documents) != 1:
         raise ManifestError(f"{path}: contains {len(documents)} JESTTrainingJobs; this command takes one")
     return parse_manifest(documents[0], overrides)
@@ -374,7 +376,7 @@ def command_validate(args: argparse.Namespace) -> int:
     invalid = 0
     for manifest in args.manifests:
         try:
-            documents = load_manifests(Path(manifest))
+            documents = load_job_documents(Path(manifest))
         except ManifestError as error:
             print(f"{error}", file=sys.stderr)
             invalid += 1

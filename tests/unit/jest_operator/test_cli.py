@@ -19,7 +19,7 @@ from jest_operator.cli import (
     build_summary,
     energy_text,
     failed_summary,
-    load_manifests,
+    load_job_documents,
     main,
     summary_rows,
 )
@@ -102,20 +102,20 @@ def test_summary_rows_format_accuracy_counts_and_throughput() -> None:
     assert "modelled" in rows["energy"]
 
 
-def test_load_manifests_errors_name_the_problem(tmp_path: Path) -> None:
+def test_load_job_documents_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="cannot read"):
-        load_manifests(tmp_path / "missing.yaml")
+        load_job_documents(tmp_path / "missing.yaml")
     (tmp_path / "bad.yaml").write_text("spec: [unclosed\n")
     with pytest.raises(ManifestError, match="not valid YAML"):
-        load_manifests(tmp_path / "bad.yaml")
+        load_job_documents(tmp_path / "bad.yaml")
     other = write_manifest(tmp_path, {"apiVersion": "v1", "kind": "ConfigMap"}, "other.yaml")
     with pytest.raises(ManifestError, match="no JESTTrainingJob"):
-        load_manifests(other)
+        load_job_documents(other)
 
 
-def test_load_manifests_picks_jobs_from_multi_document_files(tmp_path: Path) -> None:
+def test_load_job_documents_picks_jobs_from_multi_document_files(tmp_path: Path) -> None:
     path = write_manifest(tmp_path, [{"apiVersion": "v1", "kind": "Namespace"}, MANIFEST, MANIFEST])
-    assert len(load_manifests(path)) == 2
+    assert len(load_job_documents(path)) == 2
 
 
 # ------------------------------------------------------------------------------------ validate / render
@@ -255,3 +255,12 @@ def test_local_thread_env_splits_cores_unless_the_user_chose() -> None:
     cores = len(os.sched_getaffinity(0))
     assert local_thread_env(1, {}) == {"OMP_NUM_THREADS": str(cores)}
     assert local_thread_env(10_000, {}) == {"OMP_NUM_THREADS": "1"}
+
+
+def test_load_job_documents_reads_exponent_numbers_as_kubectl_does(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        "apiVersion: jest.training/v1alpha1\nkind: JESTTrainingJob\nspec:\n  energy: {budgetJoules: 3.6e9}\n"
+    )
+    (job,) = load_job_documents(path)
+    assert job["spec"]["energy"]["budgetJoules"] == 3.6e9
