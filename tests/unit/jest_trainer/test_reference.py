@@ -13,6 +13,8 @@ from jest_trainer.data import load_digits_demo
 from jest_trainer.train import zero_shot_accuracy
 
 CPU = torch.device("cpu")
+# The module fixture loads the digits demo and trains a 60-step reference: 5-20 s on a busy 2-core host.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
