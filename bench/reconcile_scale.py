@@ -13,6 +13,7 @@ The emulator is in-memory and on the same machine, so these figures are the oper
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -80,7 +81,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
-def run(jobs: int, num_nodes: int, resync_seconds: float, settle_seconds: float, workdir: Path) -> dict:
+def run(jobs: int, num_nodes: int, resync_seconds: float, settle_seconds: float, workdir: Path,
+        rate: float = 0.0) -> dict:
     """Start emulator + operator, create the jobs, measure; returns the result document."""
     emulator_port = free_port()
     url = f"http://127.0.0.1:{emulator_port}"
@@ -110,7 +112,10 @@ def run(jobs: int, num_nodes: int, resync_seconds: float, settle_seconds: float,
 
         def sample_rss() -> None:
             while not sampling.is_set():
-                rss_samples.append(process.memory_info().rss)
+                try:
+                    rss_samples.append(process.memory_info().rss)
+                except psutil.Error:
+                    return
                 sampling.wait(0.2)
 
         sampler = threading.Thread(target=sample_rss, daemon=True)
@@ -121,51 +126,61 @@ def run(jobs: int, num_nodes: int, resync_seconds: float, settle_seconds: float,
         complete: dict[str, float] = {}
         stop_polling = threading.Event()
 
-        def poll_pods() -> None:
-            while not stop_polling.is_set():
-                items = requests.get(url + PODS_PATH, timeout=10).json().get("items", [])
-                now = time.monotonic()
-                counts: dict[str, int] = {}
-                for item in items:
-                    job = item["metadata"]["labels"].get("jest.training/job-name", "")
-                    counts[job] = counts.get(job, 0) + 1
-                for job, count in counts.items():
-                    if count >= num_nodes and job in created and job not in complete:
-                        complete[job] = now
-                stop_polling.wait(0.02)
+        def watch_pods() -> None:
+            """One watch stream (cheap for the server, unlike polling LISTs): note when each job has its pods."""
+            seen: dict[str, set[str]] = {}
+            with requests.get(url + PODS_PATH, params={"watch": "true"}, stream=True, timeout=(10, 600)) as stream, \
+                    contextlib.suppress(requests.RequestException):
+                for line in stream.iter_lines():
+                    if stop_polling.is_set():
+                        return
+                    if not line:
+                        continue
+                    event = json.loads(line)
+                    metadata = (event.get("object") or {}).get("metadata") or {}
+                    job = (metadata.get("labels") or {}).get("jest.training/job-name", "")
+                    if event.get("type") != "ADDED" or not job:
+                        continue
+                    pods = seen.setdefault(job, set())
+                    pods.add(metadata.get("name", ""))
+                    if len(pods) >= num_nodes and job not in complete:
+                        complete[job] = time.monotonic()
 
-        poller = threading.Thread(target=poll_pods, daemon=True)
+        poller = threading.Thread(target=watch_pods, daemon=True)
         poller.start()
+        time.sleep(0.5)
         started = time.monotonic()
         for index in range(jobs):
+            if rate > 0:
+                time.sleep(max(0.0, started + index / rate - time.monotonic()))
             name = f"scale-{index:04d}"
-            response = requests.post(url + JOBS_PATH, json=job_manifest(name, num_nodes), timeout=10)
+            response = requests.post(url + JOBS_PATH, json=job_manifest(name, num_nodes), timeout=60)
             response.raise_for_status()
             created[name] = time.monotonic()
         creation_seconds = time.monotonic() - started
         wait_until(lambda: len(complete) == jobs, 300, "every job's pods")
         all_pods_seconds = max(complete.values()) - started
         stop_polling.set()
-        poller.join()
 
         first = {p["metadata"]["name"]: p["metadata"]["uid"]
-                 for p in requests.get(url + PODS_PATH, timeout=10).json()["items"]}
+                 for p in requests.get(url + PODS_PATH, timeout=60).json()["items"]}
         time.sleep(settle_seconds)
-        items = requests.get(url + PODS_PATH, timeout=10).json()["items"]
+        items = requests.get(url + PODS_PATH, timeout=60).json()["items"]
         sampling.set()
         sampler.join()
         final = {p["metadata"]["name"]: p["metadata"]["uid"] for p in items}
         expected = {f"scale-{i:04d}-node-{n}" for i in range(jobs) for n in range(num_nodes)}
-        statuses = requests.get(url + JOBS_PATH, timeout=10).json()["items"]
+        statuses = requests.get(url + JOBS_PATH, timeout=60).json()["items"]
         operator_metrics = requests.get(f"http://127.0.0.1:{metrics}/metrics", timeout=10).text
         latencies = [complete[name] - created[name] for name in created]
+        cpu = {"operator": _cpu_seconds(operator.pid), "emulator": _cpu_seconds(emulator.pid)}
         return {
-            "benchmark": "reconcile_scale",
             "what": "time from a JESTTrainingJob's creation to all of its pods existing, real operator vs KMock",
             "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                         "load_average_1m": os.getloadavg()[0]},
             "parameters": {"jobs": jobs, "num_nodes": num_nodes, "resync_seconds": resync_seconds,
-                           "settle_seconds": settle_seconds},
+                           "settle_seconds": settle_seconds, "creation_rate_per_second": rate or "burst"},
+            "cpu_seconds": cpu,
             "latency_seconds": {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
                                 "max": max(latencies), "mean": statistics.fmean(latencies)},
             "goal": {"p50_below_seconds": 1.0, "met": percentile(latencies, 50) < 1.0},
@@ -186,6 +201,15 @@ def run(jobs: int, num_nodes: int, resync_seconds: float, settle_seconds: float,
         stop(emulator)
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds a process has used so far (None if it is gone)."""
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return None
+    return times.user + times.system
+
+
 def _ok(url: str) -> bool:
     try:
         return requests.get(url, timeout=1).status_code == 200
@@ -200,21 +224,24 @@ def _metric(text: str, series: str) -> float | None:
     return None
 
 
-def plot(result: dict, path: Path) -> None:
-    """A CDF of the creation-to-pods latency."""
+def plot(scenarios: list[dict], path: Path) -> None:
+    """CDFs of the creation-to-pods latency, one line per scenario."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    latencies = sorted(result["latencies_seconds"])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(latencies, [(i + 1) / len(latencies) for i in range(len(latencies))], drawstyle="steps-post")
-    ax.axvline(result["latency_seconds"]["p50"], linestyle="--", label=f"p50 {result['latency_seconds']['p50']:.2f} s")
-    ax.axvline(result["latency_seconds"]["p95"], linestyle=":", label=f"p95 {result['latency_seconds']['p95']:.2f} s")
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for result in scenarios:
+        latencies = sorted(result["latencies_seconds"])
+        rate = result["parameters"]["creation_rate_per_second"]
+        label = f"{'burst' if rate == 'burst' else f'{rate:g} jobs/s'}: p50 {result['latency_seconds']['p50']:.2f} s"
+        ax.plot(latencies, [(i + 1) / len(latencies) for i in range(len(latencies))], drawstyle="steps-post",
+                label=label)
+    ax.axvline(1.0, color="grey", linestyle=":", label="goal p50 < 1 s")
     ax.set_xlabel("seconds from CR creation to all pods created")
     ax.set_ylabel("fraction of jobs")
-    parameters = result["parameters"]
+    parameters = scenarios[0]["parameters"]
     ax.set_title(f"{parameters['jobs']} jobs x {parameters['num_nodes']} pods, real operator vs KMock")
     ax.legend()
     fig.tight_layout()
@@ -223,23 +250,37 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry."""
+    """CLI entry: a burst (every job at once) and a paced run (``--rate`` jobs per second)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--num-nodes", type=int, default=2)
     parser.add_argument("--resync-seconds", type=float, default=5.0)
     parser.add_argument("--settle-seconds", type=float, default=12.0)
+    parser.add_argument("--rate", type=float, default=2.0, help="jobs per second of the paced scenario")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "reconcile_scale.json")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        result = run(args.jobs, args.num_nodes, args.resync_seconds, args.settle_seconds, Path(tmp))
+    scenarios = []
+    for rate in (0.0, args.rate):
+        with tempfile.TemporaryDirectory() as tmp:
+            scenarios.append(run(args.jobs, args.num_nodes, args.resync_seconds, args.settle_seconds, Path(tmp), rate))
+    document = {
+        "benchmark": "reconcile_scale",
+        "note": "KMock is a single-threaded Python server spending ~15-20 ms CPU per request on this machine; in "
+                "the burst its request queue dominates the latency (see cpu_seconds). The paced scenario shows "
+                "the operator's own creation-to-pods latency.",
+        "scenarios": scenarios,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, args.out.with_suffix(".png"))
-    summary = {k: result[k] for k in ("latency_seconds", "goal", "operator_rss_bytes", "all_pods_seconds")}
-    summary["pods"] = {k: (v if isinstance(v, int) else len(v)) for k, v in result["pods"].items()}
-    print(json.dumps(summary, indent=2))
-    bad = result["pods"]["lost"] or result["pods"]["unexpected"] or result["pods"]["recreated_during_settle"]
+    args.out.write_text(json.dumps(document, indent=2) + "\n")
+    plot(scenarios, args.out.with_suffix(".png"))
+    bad = False
+    for result in scenarios:
+        summary = {k: result[k] for k in ("parameters", "latency_seconds", "goal", "operator_rss_bytes",
+                                          "all_pods_seconds", "cpu_seconds")}
+        summary["pods"] = {k: (v if isinstance(v, int) else len(v)) for k, v in result["pods"].items()}
+        print(json.dumps(summary, indent=2))
+        bad = bad or bool(result["pods"]["lost"] or result["pods"]["unexpected"]
+                          or result["pods"]["recreated_during_settle"])
     return 1 if bad else 0
 
 

@@ -14,6 +14,8 @@ Triggers:
   references let a real cluster's garbage collector do it; this covers clusters/emulators without one
   and an operator that was down);
 * ``on.event`` of pods labelled ``app.kubernetes.io/managed-by=jest-operator``: fast reaction to phases;
+* ``@kopf.index`` of those pods by job: reconciles read pods from it instead of a LIST per job (the
+  job itself is always read with a GET, as its status is the state machine's memory);
 * a resync loop (every ``resync_seconds``, default 5 s) over every known job: level-based progress,
   deadlines, TTLs and metrics scraping. It is an operator-level task rather than ``@kopf.timer`` because
   Kopf timers (and daemons) put a finalizer on every job, and the operator is finalizer-free: deleting a
@@ -97,6 +99,7 @@ class _Runtime:
     resync_task: asyncio.Task | None = None
     last_resync: float = field(default_factory=time.monotonic)
     kopf_context: contextvars.Context | None = None
+    pod_index: Any = None
 
 
 CONFIG = OperatorConfig()
@@ -190,19 +193,31 @@ def reconcile_job(
     now: dt.datetime | None = None,
     read_progress: Callable[..., TrainerProgress | None] = progress_module.read_progress,
     scrape_timeout: float = 1.0,
+    pods: list[dict] | None = None,
 ) -> ReconcileResult:
-    """Observe, plan and apply one job (blocking; runs in a worker thread). See the module docstring."""
+    """Observe, plan and apply one job (blocking; runs in a worker thread). See the module docstring.
+
+    The job is always read with a GET (its status is the state machine's memory and must be current);
+    ``pods`` may come from the operator's watch-fed index (None = LIST them). A stale pod list is safe:
+    creating an existing pod is a 409, deleting a gone one a 404, and only pods of the current attempt
+    (which the fresh status names) can trigger a gang restart.
+    """
     body = kube.get_job(namespace, name)
     if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
         kube.delete_children(namespace, name)
         return ReconcileResult("gone", body)
-    pods = kube.list_pods(namespace, name)
-    existing = kube.list_child_names(namespace, name)
+    if pods is None:
+        pods = kube.list_pods(namespace, name)
     steps = ((body.get("spec") or {}).get("training") or {}).get("steps")
     progress = read_progress(pods, total_steps=steps if isinstance(steps, int) else None, timeout=scrape_timeout)
-    outcome, the_plan = decide(
-        body, pods, existing_children=existing, progress=progress, now=now or dt.datetime.now(dt.UTC)
-    )
+    moment = now or dt.datetime.now(dt.UTC)
+    # The ConfigMap and Service only matter when pods are about to be created: assume they exist, and when
+    # the plan does create pods, re-plan with "unknown" so they are created too (a 409 counts as success).
+    # Steady-state resyncs thus cost one GET and one LIST, and a creation no extra LISTs.
+    assumed = {f"{name}-config", name}
+    outcome, the_plan = decide(body, pods, existing_children=assumed, progress=progress, now=moment)
+    if any(child.get("kind") == "Pod" for child in the_plan.create):
+        outcome, the_plan = decide(body, pods, existing_children=None, progress=progress, now=moment)
     apply_plan(kube, namespace, name, body, the_plan)
     return ReconcileResult(outcome, body, the_plan, the_plan.status.get("phase"))
 
@@ -246,10 +261,11 @@ async def _reconcile_once(namespace: str, name: str, *, raise_errors: bool) -> N
         raise kopf.TemporaryError("the operator has not finished starting", delay=1)
     started = time.monotonic()
     loop = asyncio.get_running_loop()
+    pods = indexed_pods(namespace, name)
     try:
         result = await loop.run_in_executor(
             RUNTIME.executor,
-            lambda: reconcile_job(kube, namespace, name, scrape_timeout=CONFIG.scrape_timeout_seconds),
+            lambda: reconcile_job(kube, namespace, name, scrape_timeout=CONFIG.scrape_timeout_seconds, pods=pods),
         )
     except Exception as error:
         RUNTIME.metrics.observe_reconcile("error", time.monotonic() - started)
@@ -301,7 +317,32 @@ async def _resync_loop() -> None:
         await asyncio.sleep(CONFIG.resync_seconds)
 
 
+def indexed_pods(namespace: str, name: str) -> list[dict] | None:
+    """The job's pods from the watch-fed index (copied on the event loop), or None before the index exists."""
+    index = RUNTIME.pod_index
+    if index is None:
+        return None
+    return [copy.deepcopy(pod) for pod in index.get((namespace, name), ())]
+
+
+def _remember_index(kwargs: Mapping[str, Any]) -> None:
+    """Keep a reference to Kopf's live pod index (handed to handlers as the ``pods_by_job`` kwarg)."""
+    if RUNTIME.pod_index is None and kwargs.get("pods_by_job") is not None:
+        RUNTIME.pod_index = kwargs["pods_by_job"]
+        LOG.info("reconciles now read pods from the pods_by_job index")
+
+
 # ---------------------------------------------------------------------------------------------- Kopf
+@kopf.index("", "v1", "pods", labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_JOB_NAME: kopf.PRESENT})
+def pods_by_job(namespace: str, labels: Mapping[str, str], body: Mapping[str, Any], **_: Any) -> dict:
+    """Index the operator's pods by (namespace, job): reconciles read them here instead of LISTing per job.
+
+    Kopf populates every index from its initial listing before any handler runs, so a restarted operator
+    never mistakes an unseen pod for a missing one.
+    """
+    return {(namespace, labels[LABEL_JOB_NAME]): copy.deepcopy(dict(body))}
+
+
 @kopf.on.login()
 def login(**kwargs: Any) -> Any:
     """``$KUBECONFIG`` when set (the kubernetes client only reads it at import), else the service account."""
@@ -358,22 +399,25 @@ def resync_probe(**_: Any) -> float:
 @kopf.on.create(GROUP, VERSION, PLURAL, id="reconcile-create")
 @kopf.on.resume(GROUP, VERSION, PLURAL, id="reconcile-resume")
 @kopf.on.update(GROUP, VERSION, PLURAL, id="reconcile-update")
-async def on_job_change(namespace: str, name: str, **_: Any) -> None:
+async def on_job_change(namespace: str, name: str, **kwargs: Any) -> None:
     """The spec changed (or the operator restarted): reconcile now; API errors make Kopf retry."""
+    _remember_index(kwargs)
     await request_reconcile(namespace, name, raise_errors=True)
 
 
 @kopf.on.field(GROUP, VERSION, PLURAL, field="spec.runPolicy.suspend", id="suspend-changed")
 async def on_suspend_change(namespace: str, name: str, old: Any, new: Any, logger: logging.Logger,
-                            **_: Any) -> None:
+                            **kwargs: Any) -> None:
     """Suspend/resume (Kueue flips this field): react at once."""
+    _remember_index(kwargs)
     logger.info("spec.runPolicy.suspend: %s -> %s", old, new)
     await request_reconcile(namespace, name, raise_errors=True)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL, id="job-events")
-async def on_job_event(type: str | None, namespace: str, name: str, **_: Any) -> None:
+async def on_job_event(type: str | None, namespace: str, name: str, **kwargs: Any) -> None:
     """Track known jobs for the resync loop; a deleted job's children are removed explicitly."""
+    _remember_index(kwargs)
     if RUNTIME.kopf_context is None:
         RUNTIME.kopf_context = contextvars.copy_context()
     if type == "DELETED":
@@ -386,8 +430,9 @@ async def on_job_event(type: str | None, namespace: str, name: str, **_: Any) ->
 
 @kopf.on.event("", "v1", "pods", labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_JOB_NAME: kopf.PRESENT},
                id="pod-events")
-async def on_pod_event(namespace: str, labels: Mapping[str, str], **_: Any) -> None:
+async def on_pod_event(namespace: str, labels: Mapping[str, str], **kwargs: Any) -> None:
     """A worker pod changed: reconcile its job (coalesced with any reconcile already running)."""
+    _remember_index(kwargs)
     job_name = labels.get(LABEL_JOB_NAME)
     if job_name:
         await request_reconcile(namespace, job_name)

@@ -104,19 +104,6 @@ class KubeClient:
         )
         return _owned_items(payload, job_name)
 
-    def list_child_names(self, namespace: str, job_name: str) -> set[str]:
-        """Names of the job's existing ConfigMaps and Services (so known children are not re-created)."""
-        names: set[str] = set()
-        for call in (self._core.list_namespaced_config_map, self._core.list_namespaced_service):
-            payload = self._read(
-                lambda call=call: call(
-                    namespace, label_selector=_selector(job_name), _preload_content=False,
-                    _request_timeout=REQUEST_TIMEOUT_SECONDS,
-                )
-            )
-            names.update(item["metadata"]["name"] for item in _owned_items(payload, job_name))
-        return names
-
     # -- writing -------------------------------------------------------------------------------------
     def create(self, manifest: dict) -> bool:
         """Create a Pod, Service or ConfigMap; True if created, False if it already existed (409)."""

@@ -144,10 +144,12 @@ def quickstart_for_the_test() -> dict:
     manifest = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
     manifest = copy.deepcopy(manifest)
     training = manifest["spec"]["training"]
-    training["steps"] = 40
+    # long enough that the operator scrapes several times after the energy meter's first 1 s sample: it only
+    # sees what the workers expose while they run
+    training["steps"] = 150
     training["reference"] = {"train": {"steps": 20, "batchSize": 64, "lr": 2.0e-3}}
-    training["checkpoint"] = {**training.get("checkpoint", {}), "intervalSteps": 20}
-    training["eval"] = {"intervalSteps": 20}
+    training["checkpoint"] = {**training.get("checkpoint", {}), "intervalSteps": 50}
+    training["eval"] = {"intervalSteps": 50}
     return manifest
 
 
@@ -172,7 +174,7 @@ def test_quickstart_trains_for_real_and_ends_succeeded(tmp_path: Path):
         logs = {p.name: p.read_text(errors="replace")[-3000:] for p in (tmp_path / "nodes").glob("*/logs/*.log")}
         assert phase == "Succeeded", json.dumps({"status": status, "logs": logs, "kubelet": kubelet.errors}, indent=1)
         assert status["restarts"] == 0
-        assert status["progress"]["totalSteps"] == 40
+        assert status["progress"]["totalSteps"] == 150
         assert status["progress"]["step"] >= 1, status
         assert status["progress"]["examplesTrained"] > 0
         assert 0 < status["progress"]["observedSelectionRatio"] <= 1
