@@ -526,6 +526,8 @@ def _train(
     status_file = Path(env.get("JEST_STATUS_FILE") or checkpoint_dir / "progress.json")
     dump_dir = Path(env["JEST_DEBUG_DUMP_DIR"]) if env.get("JEST_DEBUG_DUMP_DIR") else None
     attempt = _env_int(env, "JEST_ATTEMPT", 0)
+    metrics_port = _env_int(env, "JEST_METRICS_PORT", 0)
+    progress_mode = _progress_mode(env)
     local_batch, local_super = sel.per_rank(ctx.world_size)
     global_batch, global_super = local_batch * ctx.world_size, local_super * ctx.world_size
     uses_learner = sel.method in flops_mod.LEARNER_SCORED_METHODS
@@ -617,12 +619,7 @@ def _train(
     if metrics_state:
         metrics.restore(metrics_state)
     metrics.attach_energy(meter)
-    metrics_port = _env_int(env, "JEST_METRICS_PORT", 0)
-    if metrics_port > 0:
-        metrics.serve(metrics_port)
-    meter.start()
-
-    reporter = _Reporter(_progress_mode(env), cfg.steps, start_step) if ctx.is_main else None
+    reporter: _Reporter | None = None
     run_phase = dict.fromkeys(PHASES, 0.0)
     arithmetic_seconds = 0.0
     run_step_seconds = 0.0
@@ -703,8 +700,12 @@ def _train(
             metrics.observe_eval(accuracy)
 
     restored_total_joules = job_joules()
-    write_progress("Running", restored_total_joules)
     try:
+        if metrics_port > 0:
+            metrics.serve(metrics_port)
+        meter.start()
+        reporter = _Reporter(progress_mode, cfg.steps, start_step) if ctx.is_main else None
+        write_progress("Running", restored_total_joules)
         if start_step == 0 and ctx.is_main and not counters.eval_history:
             evaluate(0)
         for step in range(start_step, cfg.steps):

@@ -223,6 +223,20 @@ def test_a_checkpoint_of_another_model_is_a_clear_error(tmp_path: Path, prepared
 
 
 @pytest.mark.slow
+def test_rich_progress_bar_and_plain_lines(tmp_path: Path, prepared, capsys, caplog) -> None:
+    rich_env = {**PLAIN, "JEST_PROGRESS": "rich"}
+    train_mod.train(_config(tmp_path / "rich", steps=2), env=rich_env, ctx=SINGLE, prepared=prepared,
+                    install_signal_handlers=False)
+    assert "JEST" in capsys.readouterr().err
+    with caplog.at_level("INFO", logger="jest_trainer.train"):
+        _run(_config(tmp_path / "plain", steps=2), prepared)
+    assert "step 2/2 loss" in caplog.text
+    with pytest.raises(ValueError, match="JEST_PROGRESS"):
+        train_mod.train(_config(tmp_path / "bad", steps=2), env={"JEST_PROGRESS": "fancy"}, ctx=SINGLE,
+                        prepared=prepared, install_signal_handlers=False)
+
+
+@pytest.mark.slow
 def test_flops_and_counters_accumulate_per_step(tmp_path: Path, prepared) -> None:
     jest = _run(_config(tmp_path / "jest", steps=2), prepared)
     uniform = _run(_config(tmp_path / "uniform", steps=2, method="uniform"), prepared)
