@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 
 REFERENCE_FILE_NAME = "reference.pt"
 EMBED_CHUNK = 1024
+
+
+class ReferenceTrainingInterruptedError(RuntimeError):
+    """A stop was requested (SIGTERM) while the reference was training; nothing worth saving exists yet."""
 
 
 @dataclass
@@ -75,12 +80,19 @@ def batch_loss(model: nn.Module, images: Tensor, tokens: Tensor, *, kind: str) -
 
 
 def train_reference(
-    cfg: TrainingConfig, curated: Any, *, image_shape: tuple[int, ...], device: torch.device
+    cfg: TrainingConfig,
+    curated: Any,
+    *,
+    image_shape: tuple[int, ...],
+    device: torch.device,
+    should_stop: Callable[[], bool] | None = None,
 ) -> nn.Module:
     """Train a fresh reference on the curated ``PairTable`` with AdamW + cosine decay, seeded by ``cfg.seed``.
 
     Batches are drawn without replacement epoch by epoch from a generator seeded by the job seed, so
-    the result depends only on the config and the data.
+    the result depends only on the config and the data. ``should_stop`` is polled every step; when it
+    answers True, :class:`ReferenceTrainingInterruptedError` is raised (a SIGTERM must not wait for a long
+    reference training to finish: the pod's grace period is short).
     """
     from jest_trainer.models import build_model
 
@@ -101,6 +113,8 @@ def train_reference(
     cursor = 0
     model.train()
     for step in range(train_cfg.steps):
+        if should_stop is not None and should_stop():
+            raise ReferenceTrainingInterruptedError(f"stopped at reference step {step} of {train_cfg.steps}")
         if cursor + batch_size > count:
             order = torch.randperm(count, generator=generator)
             cursor = 0
@@ -186,12 +200,14 @@ def build_reference(
     device: torch.device,
     rank: int = 0,
     cache_dir: Path | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> ReferenceModel:
     """Load or train the reference (rank 0), broadcast it, and cache its embeddings of ``demo.pool``.
 
     Order of sources: ``training.reference.checkpoint``; else ``<cache_dir>/reference.pt`` from an
     earlier attempt of this job; else train on ``demo.curated`` and store it in ``cache_dir``.
-    Every rank must call this (it contains a collective when distributed).
+    Every rank must call this (it contains a collective when distributed). ``should_stop`` is passed to
+    :func:`train_reference`.
     """
     from jest_trainer.models import build_model
 
@@ -208,7 +224,9 @@ def build_reference(
             log.info("loading the reference trained by an earlier attempt from %s", cached)
             model, model_config = load_reference(cached, cfg, image_shape=image_shape, device=device)
         else:
-            model = train_reference(cfg, demo.curated, image_shape=image_shape, device=device)
+            model = train_reference(
+                cfg, demo.curated, image_shape=image_shape, device=device, should_stop=should_stop
+            )
             if cached is not None:
                 save_reference(model, cached, model_config)
     if distributed:

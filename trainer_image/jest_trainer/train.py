@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from jest_trainer import checkpoint as ckpt
 from jest_trainer import flops as flops_mod
 from jest_trainer.config import TrainingConfig, WorkerConfig
+from jest_trainer.reference import ReferenceTrainingInterruptedError
 
 log = logging.getLogger("jest_trainer.train")
 
@@ -309,15 +310,25 @@ class Prepared:
     image_shape: tuple[int, ...]
 
 
-def prepare(cfg: TrainingConfig, ctx: DistContext, *, cache_dir: Path | None) -> Prepared:
-    """Load the training data and build (or load) the reference with its cached pool embeddings."""
+def prepare(
+    cfg: TrainingConfig,
+    ctx: DistContext,
+    *,
+    cache_dir: Path | None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Prepared:
+    """Load the training data and build (or load) the reference with its cached pool embeddings.
+
+    Raises ``ReferenceTrainingInterruptedError`` when ``should_stop`` answers True during reference training.
+    """
     from jest_trainer.data import load_training_data
     from jest_trainer.reference import build_reference
 
     demo = load_training_data(cfg)
     image_shape = tuple(int(size) for size in demo.pool.images.shape[1:])
     reference = build_reference(
-        cfg, demo, image_shape=image_shape, device=ctx.device, rank=ctx.rank, cache_dir=cache_dir
+        cfg, demo, image_shape=image_shape, device=ctx.device, rank=ctx.rank, cache_dir=cache_dir,
+        should_stop=should_stop,
     )
     return Prepared(demo=demo, reference=reference, image_shape=image_shape)
 
@@ -488,6 +499,9 @@ def train(
     ``final_accuracy``, ``eval_history`` ([step, accuracy, cumulative total FLOPs]), ``flops``,
     ``selected_mix``, ``pool_mix``, ``phase_seconds``, ``selection_arithmetic_seconds``, ``step_seconds``,
     ``selection_overhead_fraction``, ``examples_trained``, ``examples_scored``, ``energy``, ``checkpoint``.
+    A stop requested while the reference is still training ends the run before step 0 with only
+    ``completed_steps`` (0), ``total_steps``, ``stopped``, ``resumed_from_step``, ``final_accuracy`` and
+    ``checkpoint`` (None): there is nothing to checkpoint yet.
     """
     env = os.environ if env is None else env
     flag = _StopFlag()
@@ -500,6 +514,10 @@ def train(
             configure_cpu_threads(env, ctx)
         try:
             return _train(config, env=env, ctx=ctx, prepared=prepared, flag=flag, stop_flag=stop_flag)
+        except ReferenceTrainingInterruptedError as interrupted:
+            log.warning("stop requested while training the reference (%s): exiting before step 0", interrupted)
+            return {"completed_steps": 0, "total_steps": config.training.steps, "stopped": True,
+                    "resumed_from_step": None, "final_accuracy": None, "checkpoint": None}
         finally:
             if own_ctx and ctx.distributed and dist.is_initialized():
                 dist.destroy_process_group()
@@ -539,7 +557,12 @@ def _train(
         ckpt.prune_temporaries(checkpoint_dir)
 
     # --- data, reference, learner -----------------------------------------------------------------
-    prepared = prepared or prepare(cfg, ctx, cache_dir=checkpoint_dir if ctx.is_main else None)
+    def stop_requested() -> bool:
+        return flag.requested or (stop_flag is not None and stop_flag())
+
+    prepared = prepared or prepare(
+        cfg, ctx, cache_dir=checkpoint_dir if ctx.is_main else None, should_stop=stop_requested
+    )
     demo, reference = prepared.demo, prepared.reference
     pool = demo.pool
     shard = shard_indices(len(pool), world_size=ctx.world_size, rank=ctx.rank, seed=cfg.seed)
@@ -706,10 +729,10 @@ def _train(
         meter.start()
         reporter = _Reporter(progress_mode, cfg.steps, start_step) if ctx.is_main else None
         write_progress("Running", restored_total_joules)
-        if start_step == 0 and ctx.is_main and not counters.eval_history:
+        if start_step == 0 and ctx.is_main and not counters.eval_history and not flag.requested:
             evaluate(0)
         for step in range(start_step, cfg.steps):
-            local_stop = flag.requested or (stop_flag is not None and stop_flag())
+            local_stop = stop_requested()
             if _all_reduce([1.0 if local_stop else 0.0], ctx, dist.ReduceOp.MAX)[0] > 0:
                 stopped = True
                 break
@@ -919,6 +942,14 @@ def _dump_selection(
     )
 
 
+def _stop_note(summary: Mapping[str, Any]) -> str:
+    if not summary["stopped"]:
+        return ""
+    if summary["checkpoint"] is None:
+        return " (stopped by signal before the first step; no checkpoint needed)"
+    return f" (stopped by signal, checkpoint {summary['checkpoint']['path']})"
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``jest-trainer [--config PATH]`` (default ``$JEST_CONFIG``); exit 0 on success or after SIGTERM."""
     parser = argparse.ArgumentParser(prog="jest-trainer", description="JEST contrastive training worker")
@@ -952,7 +983,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["completed_steps"],
         summary["total_steps"],
         summary["final_accuracy"],
-        " (stopped by signal, checkpoint written)" if summary["stopped"] else "",
+        _stop_note(summary),
     )
     return 0
 

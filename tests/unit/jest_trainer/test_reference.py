@@ -110,3 +110,11 @@ def test_mismatched_checkpoint_names_the_field(tmp_path: Path, cfg, demo) -> Non
 
 def _must_not_train(*_args, **_kwargs):
     raise AssertionError("the reference must be loaded, not trained again")
+
+
+def test_a_stop_request_interrupts_reference_training(demo) -> None:
+    long = TrainingConfig.model_validate({"reference": {"train": {"steps": 100_000}}})
+    polls = iter(range(1_000_000))
+    with pytest.raises(ref_mod.ReferenceTrainingInterruptedError, match="reference step 3 "):
+        ref_mod.train_reference(long, demo.curated, image_shape=demo.pool.image_shape, device=CPU,
+                                should_stop=lambda: next(polls) >= 3)
