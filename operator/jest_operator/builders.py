@@ -281,6 +281,11 @@ def _container(job: JESTTrainingJob, index: int, attempt: int, mounts: list[dict
         {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
         {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"},
     ]
+    # torchrun starts numProcPerNode trainers in this container; local rank r serves on METRICS_PORT + r.
+    ports[1:1] = [
+        {"name": f"metrics-{local_rank}", "containerPort": METRICS_PORT + local_rank, "protocol": "TCP"}
+        for local_rank in range(1, spec.num_proc_per_node)
+    ]
     if spec.accelerator.type == "tpu":
         ports.append({"name": "tpu-runtime", "containerPort": TPU_RUNTIME_PORT, "protocol": "TCP"})
     container: dict[str, Any] = {

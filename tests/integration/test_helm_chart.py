@@ -653,7 +653,11 @@ def test_service_monitor_forces_the_service(chart: helm_python.Chart) -> None:
 def test_pod_monitor_selects_trainer_pods(chart: helm_python.Chart) -> None:
     monitor = only(render(chart, MONITORING_ON), "PodMonitor")
     assert monitor["spec"]["selector"] == {"matchLabels": {"app.kubernetes.io/managed-by": "jest-operator"}}
-    assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
+    ports = [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]]
+    assert ports == ["metrics"] + [f"metrics-{rank}" for rank in range(1, 8)]
+    single = only(render(chart, {**MONITORING_ON, "metrics": {"podMonitor": {"enabled": True, "procsPerNode": 1}}}),
+                  "PodMonitor")
+    assert [e["port"] for e in single["spec"]["podMetricsEndpoints"]] == ["metrics"]
     assert monitor["spec"]["namespaceSelector"] == {"any": True}
     namespaced = only(render(chart, {**MONITORING_ON, "watchNamespaces": WATCHED}), "PodMonitor")
     assert namespaced["spec"]["namespaceSelector"] == {"matchNames": WATCHED}
@@ -669,7 +673,15 @@ def test_pod_monitor_matches_the_pods_the_operator_builds(chart: helm_python.Cha
     monitor = only(render(chart, MONITORING_ON), "PodMonitor")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     pod_ports = {p.get("name") for c in pod["spec"]["containers"] for p in c.get("ports", [])}
-    assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} <= pod_ports
+    assert "metrics" in pod_ports
+    assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} & pod_ports == {"metrics"}
+    torchrun_job = api.parse_job({**manifest, "metadata": {**manifest["metadata"], "uid": "u-2"},
+                                  "spec": {**manifest["spec"], "numNodes": 1, "numProcPerNode": 4}})
+    torchrun_pod = builders.build_pod(torchrun_job, 0, attempt=0)
+    torchrun_ports = {p["name"]: p["containerPort"] for p in torchrun_pod["spec"]["containers"][0]["ports"]}
+    assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} & set(torchrun_ports) == {
+        "metrics", "metrics-1", "metrics-2", "metrics-3"}
+    assert [torchrun_ports[f"metrics-{rank}"] for rank in range(1, 4)] == [9091, 9092, 9093]
 
 
 def test_monitor_labels_and_intervals(chart: helm_python.Chart) -> None:

@@ -725,7 +725,9 @@ def _train(
     restored_total_joules = job_joules()
     try:
         if metrics_port > 0:
-            metrics.serve(metrics_port)
+            # torchrun runs several ranks in one pod: local rank r serves on JEST_METRICS_PORT + r (the pod
+            # declares those ports as metrics-<r>), so ranks never contend for one port.
+            metrics.serve(metrics_port + ctx.local_rank)
         meter.start()
         reporter = _Reporter(progress_mode, cfg.steps, start_step) if ctx.is_main else None
         write_progress("Running", restored_total_joules)
