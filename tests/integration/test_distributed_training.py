@@ -266,9 +266,14 @@ def test_exceeding_backoff_limit_fails_with_the_worker_error(tmp_path: Path) -> 
 
 
 def test_torchrun_pod_runs_its_processes_as_one_local_node(tmp_path: Path) -> None:
-    """numProcPerNode=2: the builders' torchrun command with PET_* variables, rewritten to loopback."""
+    """numProcPerNode=2: the builders' torchrun command with PET_* variables, rewritten to loopback.
+
+    With a metrics port, local rank r serves on port + r (two ranks in one pod must not share a port).
+    """
+    metrics_port = free_port_pair()
     with jestctl(tmp_path, tmp_path / "work", "spec.numNodes=1", "spec.numProcPerNode=2",
-                 "spec.training.steps=12") as (process, summary_path):
+                 "spec.training.steps=12", extra_args=("--metrics-port", str(metrics_port))
+                 ) as (process, summary_path):
         output = finish(process)
     assert process.returncode == 0, output
     summary = json.loads(summary_path.read_text())
