@@ -20,6 +20,9 @@ KMock is an in-memory object store over HTTP by Kopf's author. What we add, each
     increments when a spec changes (so ``observedGeneration`` means something).
 12. printer columns: ``kubectl get`` asks for ``as=Table`` -> a Table built from the CRD's
     ``additionalPrinterColumns`` (simple JSONPaths), like the real API server; other kinds get Name + Age.
+13. KMock records every request and matches each new one against its reactions by scanning that whole
+    history (``request in view``), so serving gets quadratically slower (~50 ms CPU per request after a
+    few thousand) -> the history is trimmed to the requests still in flight (we never assert on it).
 
 What it still never does: garbage collection, pod phases (tests or the e2e kubelet patch them),
 schema validation/defaulting, admission, strategic merge, watch resumption.
@@ -187,6 +190,7 @@ class Emulator(kmock.KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.printer_columns: dict[str, list[dict]] = {}
+        self.in_flight: set[int] = set()
         if FIXES:  # Fix 9
             (self.fallback**1)[enums.action.WATCH] << kmock.headers(
                 {"Content-Type": "application/json"}
@@ -198,6 +202,15 @@ class Emulator(kmock.KubernetesEmulator):
         return await super().__call__(raw_request)
 
     async def _handle(self, request: Any) -> Any:
+        self.in_flight.add(id(request))  # before any await: the request is in the history from here on
+        try:
+            return await self._handle_tracked(request)
+        finally:
+            self.in_flight.discard(id(request))
+            if FIXES and len(self._requests) > 32:  # Fix 13
+                self._requests[:] = [r for r in self._requests if id(r) in self.in_flight]
+
+    async def _handle_tracked(self, request: Any) -> Any:
         is_create = (
             request.resource is not None
             and request.action == enums.action.CREATE
