@@ -137,3 +137,32 @@ def test_jsonpath_and_table_rendering():
     assert table["rows"][0]["cells"][:2] == ["x", "Running"]
     assert table["rows"][0]["cells"][2].endswith("d")
     assert human_age(None) == "<unknown>"
+
+
+@pytest.mark.parametrize("fixes", [True, False])
+def test_request_history_is_trimmed_only_with_fix_13(fixes: bool, monkeypatch: pytest.MonkeyPatch):
+    """Bare KMock keeps every request (and scans them all per request); the fix keeps only in-flight ones."""
+    import asyncio
+
+    import aiohttp
+    import kmock
+
+    from . import emulator as emulator_module
+
+    monkeypatch.setattr(emulator_module, "FIXES", fixes)
+
+    async def scenario() -> int:
+        emulator = emulator_module.Emulator()
+        async with emulator, kmock.Server(emulator) as server:
+            emulator.resources.load_bundled()
+            async with aiohttp.ClientSession() as session:
+                for _ in range(100):
+                    async with session.get(f"{server.url}/api/v1/namespaces/default/configmaps") as response:
+                        assert response.status == 200
+            return len(emulator._requests)
+
+    kept = asyncio.run(scenario())
+    if fixes:
+        assert kept <= 33, "fix 13 no longer trims KMock's request history"
+    else:
+        assert kept == 100, "KMock no longer keeps every request: fix 13 may be obsolete"
