@@ -161,6 +161,7 @@ def test_deleting_the_job_deletes_its_children(cluster: Cluster, operator: Opera
     cluster.create_job(job_manifest(name))
     wait_pods(cluster, name, 2)
     wait_for(lambda: cluster.children("services", name), what="the service")
+    assert not cluster.job(name)["metadata"].get("finalizers"), "the operator must stay finalizer-free"
     cluster.kubectl("delete", "jtj", name, "--wait=false")
     wait_pods(cluster, name, 0)
     wait_for(lambda: not cluster.children("services", name) and not cluster.children("configmaps", name),
