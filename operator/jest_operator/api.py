@@ -503,7 +503,9 @@ class EnergyStatus(WireModel):
         None, description="measured (hardware counter), integrated (power x time) or modelled (configured watts)."
     )
     source: str | None = Field(None, max_length=256, description="Where the figure comes from, e.g. nvml, rapl.")
-    co2e_grams: float | None = Field(None, ge=0, description="CO2e estimate from energy.carbonIntensityGramsPerKWh.")
+    co2e_grams: float | None = Field(
+        None, ge=0, alias="co2eGrams", description="CO2e estimate from energy.carbonIntensityGramsPerKWh."
+    )
 
     @model_validator(mode="after")
     def _derive_kilojoules(self) -> EnergyStatus:

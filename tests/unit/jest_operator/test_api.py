@@ -324,3 +324,10 @@ def test_parse_job_accepts_read_only_mapping_views() -> None:
 
     body = manifest(podTemplate={"env": [{"name": "A", "value": "1"}], "labels": {"team": "a"}})
     assert parse_job(frozen(body)) == parse_job(body)
+
+
+def test_energy_status_uses_the_designed_wire_name_for_co2e() -> None:
+    """DESIGN §3 spells it co2eGrams; the operator writes that key, so the schema must not strip it."""
+    from jest_operator.api import EnergyStatus
+
+    assert EnergyStatus.model_validate({"co2eGrams": 1.5}).to_wire()["co2eGrams"] == 1.5
