@@ -28,6 +28,7 @@ Parsing is pure (:func:`parse_metrics`, :func:`combine_ranks`, :func:`progress_f
 from __future__ import annotations
 
 import concurrent.futures
+import datetime as dt
 import math
 import urllib.error
 import urllib.request
@@ -63,6 +64,8 @@ class RankMetrics:
     power_watts: float | None = None
     methods: set[str] = field(default_factory=set)
     sources: set[str] = field(default_factory=set)
+    checkpoint_step: float | None = None
+    checkpoint_unix_time: float | None = None
 
 
 def parse_metrics(text: str) -> RankMetrics:
@@ -109,6 +112,10 @@ def parse_metrics(text: str) -> RankMetrics:
                 metrics.power_watts = (metrics.power_watts or 0.0) + value
             elif name == "jest_energy_backend_info":
                 _labels_of(metrics, labels)
+            elif name == "jest_checkpoint_step":
+                metrics.checkpoint_step = value
+            elif name == "jest_checkpoint_timestamp_seconds":
+                metrics.checkpoint_unix_time = value
     return metrics
 
 
@@ -175,7 +182,15 @@ def combine_ranks(ranks: Mapping[int, RankMetrics], *, total_steps: int | None =
         average_watts=_sum(m.power_watts for m in values) if has_energy else None,
         energy_method=method if has_energy else None,
         energy_source="+".join(sources) if has_energy else None,
+        checkpoint_step=None if rank0.checkpoint_step is None else round(rank0.checkpoint_step),
+        checkpoint_time=_iso_time(rank0.checkpoint_unix_time),
     )
+
+
+def _iso_time(unix_time: float | None) -> str | None:
+    if unix_time is None:
+        return None
+    return dt.datetime.fromtimestamp(unix_time, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _sum(values: Iterable[float | None]) -> float | None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import posixpath
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -288,13 +289,15 @@ def condition_is_true(status: Mapping[str, Any], type_: str) -> bool:
 
 
 def merge_progress(status: dict[str, Any], progress: TrainerProgress | None, *, total_steps: int,
-                   carbon_intensity: float | None) -> None:
+                   carbon_intensity: float | None, checkpoint_dir: str | None = None) -> None:
     """Fold trainer progress into ``status`` in place (progress, throughput, energy, checkpoint).
 
     Missing values keep what the status already had, so an unreachable or partial endpoint never erases
     known progress. Energy joules never decrease (a restarted trainer's counters start again until it
     restores its checkpoint). ``joulesPerExample`` = joules / examplesTrained; ``co2eGrams`` = kWh x the
-    configured carbon intensity. Energy is only written with its ``method`` and ``source``.
+    configured carbon intensity. Energy is only written with its ``method`` and ``source``. A checkpoint
+    known only by its step (rank 0's ``jest_checkpoint_step``) gets the trainer's file name in
+    ``checkpoint_dir`` (``ckpt-<step:08d>.pt``, the trainer's checkpoint contract).
     """
     prog = dict(status.get("progress") or {})
     prog.setdefault("totalSteps", total_steps)
@@ -315,8 +318,11 @@ def merge_progress(status: dict[str, Any], progress: TrainerProgress | None, *, 
             energy["method"] = progress.energy_method
             energy["source"] = progress.energy_source
             _put(energy, "averageWatts", progress.average_watts)
-        if progress.checkpoint_step is not None and progress.checkpoint_path:
-            checkpoint = {"step": progress.checkpoint_step, "path": progress.checkpoint_path}
+        checkpoint_path = progress.checkpoint_path
+        if checkpoint_path is None and progress.checkpoint_step is not None and checkpoint_dir:
+            checkpoint_path = posixpath.join(checkpoint_dir, f"ckpt-{progress.checkpoint_step:08d}.pt")
+        if progress.checkpoint_step is not None and checkpoint_path:
+            checkpoint = {"step": progress.checkpoint_step, "path": checkpoint_path}
             _put(checkpoint, "time", progress.checkpoint_time)
             status["checkpoint"] = checkpoint
     if "joules" in energy:
@@ -358,6 +364,7 @@ class _JobFacts:
     budget_joules: float | None
     on_budget_exceeded: str
     carbon_intensity: float | None
+    checkpoint_dir: str
 
     @classmethod
     def of(cls, job: Any) -> _JobFacts:
@@ -377,6 +384,7 @@ class _JobFacts:
             budget_joules=getattr(energy, "budget_joules", None),
             on_budget_exceeded=str(getattr(energy, "on_budget_exceeded", "Warn") or "Warn"),
             carbon_intensity=getattr(energy, "carbon_intensity_grams_per_k_wh", None),
+            checkpoint_dir=str(spec.training.checkpoint.dir),
         )
 
 
@@ -438,7 +446,8 @@ def plan(
     if facts.generation is not None:
         status["observedGeneration"] = facts.generation
     status.setdefault("restarts", 0)
-    merge_progress(status, progress, total_steps=facts.total_steps, carbon_intensity=facts.carbon_intensity)
+    merge_progress(status, progress, total_steps=facts.total_steps, carbon_intensity=facts.carbon_intensity,
+                   checkpoint_dir=facts.checkpoint_dir)
 
     pods = sorted((observe_pod(p) for p in observed_pods), key=lambda p: (p.index, p.name))
     attempt = int(status.get("restarts") or 0)

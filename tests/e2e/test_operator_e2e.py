@@ -187,6 +187,9 @@ def test_quickstart_trains_for_real_and_ends_succeeded(tmp_path: Path):
         assert next(c for c in status["conditions"] if c["type"] == "Succeeded")["status"] == "True"
         checkpoints = sorted((tmp_path / "nodes" / name / "checkpoints").glob("ckpt-*.pt"))
         assert checkpoints, "rank 0 wrote no checkpoint"
+        checkpoint = status["checkpoint"]  # from rank 0's jest_checkpoint_* gauges, path in the pod's volume
+        assert checkpoint["step"] in (50, 100, 150), checkpoint
+        assert checkpoint["path"] == f"/checkpoints/ckpt-{checkpoint['step']:08d}.pt" and checkpoint["time"]
         table = cluster.kubectl("get", "jtj", name).stdout.splitlines()
         assert table[1].split()[1] == "Succeeded"
         assert kubelet.errors == []

@@ -159,7 +159,7 @@ def test_real_prometheus_scrapes_a_two_worker_run(tmp_path: Path, process_reaper
             [str(jestctl), "run", str(REPO_ROOT / "examples" / "quickstart.yaml"), "--no-progress",
              "--workdir", str(tmp_path / "work"), "--metrics-port", str(metrics_port),
              "--set", f"spec.training.steps={STEPS}", "--set", "spec.training.reference.train.steps=20",
-             "--set", "spec.training.eval.intervalSteps=20", "--set", "spec.training.checkpoint.intervalSteps=100",
+             "--set", "spec.training.eval.intervalSteps=20", "--set", "spec.training.checkpoint.intervalSteps=25",
              "--set", "spec.energy.budgetJoules=1e12"],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True,
         )

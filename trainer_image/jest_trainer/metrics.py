@@ -60,6 +60,8 @@ TRAINER_METRIC_NAMES: tuple[str, ...] = (
     "jest_energy_sampling_seconds_total",
     "jest_energy_sampler_errors_total",
     "jest_energy_budget_joules",
+    "jest_checkpoint_step",
+    "jest_checkpoint_timestamp_seconds",
 )
 
 _STATE_KEYS: tuple[str, ...] = (
@@ -194,6 +196,14 @@ class TrainerMetrics:
             "jest_selection_ratio", "Observed fraction of scored candidates that were trained on (last step).",
             names, registry=reg,
         )
+        self._checkpoint_step = Gauge(
+            "jest_checkpoint_step", "Step of the newest complete checkpoint (absent until one exists).", names,
+            registry=reg,
+        )
+        self._checkpoint_time = Gauge(
+            "jest_checkpoint_timestamp_seconds", "Unix time the newest complete checkpoint was written.", names,
+            registry=reg,
+        )
         # Export every labelled child from the start so series exist (at 0) before the first step.
         for metric in (self._steps, self._examples, self._candidates, self._step_duration):
             metric.labels(**self._labels)
@@ -268,6 +278,13 @@ class TrainerMetrics:
         if not 0.0 <= accuracy <= 1.0:
             raise ValueError(f"accuracy must be in [0, 1], got {accuracy}")
         self._accuracy.labels(**self._labels).set(accuracy)
+
+    def observe_checkpoint(self, step: int, unix_time: float) -> None:
+        """Record the newest complete checkpoint, so the operator can put it in ``status.checkpoint``."""
+        if step < 0:
+            raise ValueError(f"checkpoint step must be >= 0, got {step}")
+        self._checkpoint_step.labels(**self._labels).set(step)
+        self._checkpoint_time.labels(**self._labels).set(unix_time)
 
     def attach_energy(self, meter: EnergyMeter) -> None:
         """Export ``meter``'s readings at scrape time (replaces a previously attached meter)."""

@@ -421,6 +421,14 @@ def _now_iso() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _unix_time(iso: str | None) -> float:
+    """Unix time of a checkpoint's ISO stamp (now when it has none, e.g. a checkpoint from an older trainer)."""
+    try:
+        return dt.datetime.fromisoformat(iso).timestamp() if iso else time.time()
+    except ValueError:
+        return time.time()
+
+
 # --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
@@ -641,6 +649,8 @@ def _train(
     metrics = _create_metrics(env.get("JEST_JOB_NAME", "local"), ctx.rank)
     if metrics_state:
         metrics.restore(metrics_state)
+    if last_checkpoint is not None:
+        metrics.observe_checkpoint(last_checkpoint["step"], _unix_time(last_checkpoint.get("time")))
     metrics.attach_energy(meter)
     reporter: _Reporter | None = None
     run_phase = dict.fromkeys(PHASES, 0.0)
@@ -713,6 +723,7 @@ def _train(
             path = ckpt.save_checkpoint(checkpoint_dir, step, state, keep=cfg.checkpoint.keep)
             last_checkpoint = {"step": step, "path": str(path), "time": stamp}
         last_checkpoint = _broadcast_object(last_checkpoint, ctx)
+        metrics.observe_checkpoint(step, _unix_time(last_checkpoint.get("time")))
         return time.perf_counter() - begin
 
     def evaluate(step: int) -> None:

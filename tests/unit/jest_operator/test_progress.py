@@ -197,3 +197,19 @@ def test_progress_file_round_trip():
 def test_progress_file_without_energy_labels_reports_no_energy():
     progress = progress_from_file({"step": "x", "energy": {"joules": 5.0}, "checkpoint": "nope"})
     assert progress.step is None and progress.energy_joules is None and progress.checkpoint_path is None
+
+
+def test_rank0_checkpoint_reaches_the_status_with_the_trainer_file_name():
+    """jest_checkpoint_step/timestamp of rank 0 become status.checkpoint {step, path, time} (real plan path)."""
+    from jest_operator.status import merge_progress
+
+    rank0, rank1 = trainer(0, 50), trainer(1, 50)
+    assert combine_ranks({0: parse_metrics(exposition(rank0))}).checkpoint_step is None  # none written yet
+    rank0.observe_checkpoint(50, 1_800_000_000.0)
+    rank1.observe_checkpoint(50, 1_800_000_000.0)
+    progress = combine_ranks({0: parse_metrics(exposition(rank0)), 1: parse_metrics(exposition(rank1))})
+    assert (progress.checkpoint_step, progress.checkpoint_time) == (50, "2027-01-15T08:00:00Z")
+    status: dict = {}
+    merge_progress(status, progress, total_steps=100, carbon_intensity=None, checkpoint_dir="/checkpoints")
+    assert status["checkpoint"] == {"step": 50, "path": "/checkpoints/ckpt-00000050.pt",
+                                    "time": "2027-01-15T08:00:00Z"}

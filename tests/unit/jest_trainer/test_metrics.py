@@ -63,6 +63,7 @@ def test_every_design_metric_is_exported_with_trainingjob_and_rank(metrics: Trai
     metrics.attach_energy(create_meter(EnergyConfig(budgetJoules=1e6), device_kind="cpu", device_indices=[0]))
     step(metrics)
     metrics.observe_eval(0.5)
+    metrics.observe_checkpoint(1, 1_800_000_000.0)
     exposed = samples(metrics)
     names = {name for name, _ in exposed}
     for name in DESIGN_NAMES | set(TRAINER_METRIC_NAMES):
