@@ -22,6 +22,19 @@ def find_free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def find_free_port_pair() -> int:
+    """A free port P with P + 1 free too (``jestctl run --metrics-port P`` serves worker r on P + r)."""
+    for _ in range(100):
+        base = find_free_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", base + 1))
+            except OSError:
+                continue
+        return base
+    raise AssertionError("no pair of free ports")
+
+
 @pytest.fixture
 def free_port() -> int:
     """A free loopback port."""

@@ -23,6 +23,8 @@ import psutil
 import pytest
 import yaml
 
+from tests.conftest import find_free_port_pair
+
 pytestmark = [pytest.mark.e2e]
 
 JESTCTL = str(Path(sys.executable).parent / "jestctl")
@@ -51,21 +53,6 @@ MANIFEST = {
 }
 
 
-def free_port_pair() -> int:
-    """A free port P with P + 1 free too (worker r serves metrics on P + r)."""
-    import socket
-
-    from jest_operator.local import find_free_port
-
-    for _ in range(100):
-        base = find_free_port()
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", base + 1))
-            except OSError:
-                continue
-        return base
-    raise AssertionError("no pair of free ports")
 
 
 def jestctl_argv(manifest: Path, workdir: Path, summary: Path, *extra: str) -> list[str]:
@@ -105,7 +92,7 @@ def newest_checkpoint_step(workdir: Path) -> int | None:
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_the_next_run_resumes(tmp_path: Path) -> None:
-    free_port = free_port_pair()
+    free_port = find_free_port_pair()
     manifest = tmp_path / "job.yaml"
     manifest.write_text(yaml.safe_dump(MANIFEST))
     workdir, first_summary, second_summary = tmp_path / "work", tmp_path / "first.json", tmp_path / "second.json"

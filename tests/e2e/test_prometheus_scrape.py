@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import requests
 import yaml
 from jest_trainer.metrics import TRAINER_METRIC_NAMES
 
-from tests.conftest import REPO_ROOT, find_free_port, require_tool
+from tests.conftest import REPO_ROOT, find_free_port, find_free_port_pair, require_tool
 from tests.integration.test_dashboard import dashboard_queries
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -50,19 +49,6 @@ ABSENT_ON_CPU = {
 }
 
 
-def free_port_pair() -> int:
-    """A port P such that P and P + 1 are both free (jestctl serves rank r on P + r)."""
-    for _ in range(50):
-        port = find_free_port()
-        if port >= 65535:
-            continue
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no two consecutive free ports")
 
 
 class PromClient:
@@ -131,7 +117,7 @@ def scrape_instant_with_every_target_up(prom: PromClient, *, targets: int, windo
 def test_real_prometheus_scrapes_a_two_worker_run(tmp_path: Path, process_reaper: list) -> None:
     prometheus_bin = require_tool("prometheus")
     promtool = require_tool("promtool")
-    metrics_port = free_port_pair()
+    metrics_port = find_free_port_pair()
     prom_port = find_free_port()
     config = write_prometheus_config(tmp_path, [f"127.0.0.1:{metrics_port}", f"127.0.0.1:{metrics_port + 1}"])
     check = subprocess.run([promtool, "check", "config", str(config)], capture_output=True, text=True, check=False)

@@ -27,6 +27,8 @@ import pytest
 import torch
 import yaml
 
+from tests.conftest import find_free_port_pair
+
 pytestmark = pytest.mark.slow
 
 JESTCTL = str(Path(sys.executable).parent / "jestctl")
@@ -62,21 +64,6 @@ MANIFEST = {
 }
 
 
-def free_port_pair() -> int:
-    """A free port P with P + 1 free too (worker r serves metrics on P + r)."""
-    import socket
-
-    from jest_operator.local import find_free_port
-
-    for _ in range(100):
-        base = find_free_port()
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", base + 1))
-            except OSError:
-                continue
-        return base
-    raise AssertionError("no pair of free ports")
 
 
 def thread_limited_env() -> dict[str, str]:
@@ -220,7 +207,7 @@ def trained_steps(metrics_port: int) -> int:
 
 def test_killed_worker_restarts_the_gang_from_the_last_checkpoint(tmp_path: Path, uninterrupted: dict) -> None:
     workdir = tmp_path / "work"
-    free_port = free_port_pair()
+    free_port = find_free_port_pair()
     with jestctl(tmp_path, workdir, extra_args=("--metrics-port", str(free_port))) as (process, summary_path):
         deadline = time.monotonic() + 180
         while not checkpoint_steps(workdir):
@@ -270,7 +257,7 @@ def test_torchrun_pod_runs_its_processes_as_one_local_node(tmp_path: Path) -> No
 
     With a metrics port, local rank r serves on port + r (two ranks in one pod must not share a port).
     """
-    metrics_port = free_port_pair()
+    metrics_port = find_free_port_pair()
     with jestctl(tmp_path, tmp_path / "work", "spec.numNodes=1", "spec.numProcPerNode=2",
                  "spec.training.steps=12", extra_args=("--metrics-port", str(metrics_port))
                  ) as (process, summary_path):
