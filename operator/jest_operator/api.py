@@ -155,21 +155,26 @@ class ConditionType(StrEnum):
 
 
 class ConditionReason(StrEnum):
-    """Machine-readable reasons used on conditions (CamelCase, as Kubernetes requires)."""
+    """Stable reasons of conditions and events (CamelCase, as Kubernetes requires; users alert on them,
+    so never rename one). ``jest_operator.status`` emits exactly these."""
 
-    CHILDREN_CREATED = "ChildrenCreated"
+    CREATED = "Created"
     PODS_PENDING = "PodsPending"
-    PODS_RUNNING = "PodsRunning"
+    ALL_PODS_RUNNING = "AllPodsRunning"
     POD_FAILED = "PodFailed"
-    GANG_RESTARTING = "GangRestarting"
-    JOB_SUSPENDED = "JobSuspended"
-    JOB_RESUMED = "JobResumed"
-    TRAINING_SUCCEEDED = "TrainingSucceeded"
-    INVALID_SPEC = "InvalidSpec"
+    POD_MISSING = "PodMissing"
+    RESTARTING = "Restarting"
+    RECOVERED = "Recovered"
+    SUSPENDED = "Suspended"
+    RESUMED = "Resumed"
+    SUCCEEDED = "Succeeded"
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
+    ENERGY_BUDGET_NEARLY_SPENT = "EnergyBudgetNearlySpent"
     ENERGY_BUDGET_EXCEEDED = "EnergyBudgetExceeded"
-    TRAINER_FAILED = "TrainerFailed"
+    INVALID_SPEC = "InvalidSpec"
+    SPEC_FIXED = "SpecFixed"
+    TTL_EXPIRED = "TTLExpired"
 
 
 class WireModel(BaseModel):

@@ -40,61 +40,39 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-PHASE_PENDING = "Pending"
-PHASE_RUNNING = "Running"
-PHASE_RESTARTING = "Restarting"
-PHASE_SUSPENDED = "Suspended"
-PHASE_SUCCEEDED = "Succeeded"
-PHASE_FAILED = "Failed"
-PHASES: tuple[str, ...] = (
-    PHASE_PENDING,
-    PHASE_RUNNING,
-    PHASE_RESTARTING,
-    PHASE_SUSPENDED,
-    PHASE_SUCCEEDED,
-    PHASE_FAILED,
-)
+from jest_operator.api import ConditionReason, ConditionType, Phase
+
+# The vocabulary lives in the API module (one source of truth); these plain-string aliases keep the state
+# machine terse and its output serialisable by any encoder.
+PHASE_PENDING = Phase.PENDING.value
+PHASE_RUNNING = Phase.RUNNING.value
+PHASE_RESTARTING = Phase.RESTARTING.value
+PHASE_SUSPENDED = Phase.SUSPENDED.value
+PHASE_SUCCEEDED = Phase.SUCCEEDED.value
+PHASE_FAILED = Phase.FAILED.value
+PHASES: tuple[str, ...] = tuple(phase.value for phase in Phase)
 FINISHED_PHASES: frozenset[str] = frozenset({PHASE_SUCCEEDED, PHASE_FAILED})
 
-CONDITION_TYPES: tuple[str, ...] = ("Created", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
+CONDITION_TYPES: tuple[str, ...] = tuple(kind.value for kind in ConditionType)
 
-# Stable event / condition reasons (users alert on them; never rename one).
-REASON_CREATED = "Created"
-REASON_PODS_PENDING = "PodsPending"
-REASON_ALL_PODS_RUNNING = "AllPodsRunning"
-REASON_POD_FAILED = "PodFailed"
-REASON_POD_MISSING = "PodMissing"
-REASON_RESTARTING = "Restarting"
-REASON_RECOVERED = "Recovered"
-REASON_SUSPENDED = "Suspended"
-REASON_RESUMED = "Resumed"
-REASON_SUCCEEDED = "Succeeded"
-REASON_BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
-REASON_DEADLINE_EXCEEDED = "DeadlineExceeded"
-REASON_ENERGY_BUDGET_NEARLY_SPENT = "EnergyBudgetNearlySpent"
-REASON_ENERGY_BUDGET_EXCEEDED = "EnergyBudgetExceeded"
-REASON_INVALID_SPEC = "InvalidSpec"
-REASON_SPEC_FIXED = "SpecFixed"
-REASON_TTL_EXPIRED = "TTLExpired"
-REASONS: tuple[str, ...] = (
-    REASON_CREATED,
-    REASON_PODS_PENDING,
-    REASON_ALL_PODS_RUNNING,
-    REASON_POD_FAILED,
-    REASON_POD_MISSING,
-    REASON_RESTARTING,
-    REASON_RECOVERED,
-    REASON_SUSPENDED,
-    REASON_RESUMED,
-    REASON_SUCCEEDED,
-    REASON_BACKOFF_LIMIT_EXCEEDED,
-    REASON_DEADLINE_EXCEEDED,
-    REASON_ENERGY_BUDGET_NEARLY_SPENT,
-    REASON_ENERGY_BUDGET_EXCEEDED,
-    REASON_INVALID_SPEC,
-    REASON_SPEC_FIXED,
-    REASON_TTL_EXPIRED,
-)
+REASON_CREATED = ConditionReason.CREATED.value
+REASON_PODS_PENDING = ConditionReason.PODS_PENDING.value
+REASON_ALL_PODS_RUNNING = ConditionReason.ALL_PODS_RUNNING.value
+REASON_POD_FAILED = ConditionReason.POD_FAILED.value
+REASON_POD_MISSING = ConditionReason.POD_MISSING.value
+REASON_RESTARTING = ConditionReason.RESTARTING.value
+REASON_RECOVERED = ConditionReason.RECOVERED.value
+REASON_SUSPENDED = ConditionReason.SUSPENDED.value
+REASON_RESUMED = ConditionReason.RESUMED.value
+REASON_SUCCEEDED = ConditionReason.SUCCEEDED.value
+REASON_BACKOFF_LIMIT_EXCEEDED = ConditionReason.BACKOFF_LIMIT_EXCEEDED.value
+REASON_DEADLINE_EXCEEDED = ConditionReason.DEADLINE_EXCEEDED.value
+REASON_ENERGY_BUDGET_NEARLY_SPENT = ConditionReason.ENERGY_BUDGET_NEARLY_SPENT.value
+REASON_ENERGY_BUDGET_EXCEEDED = ConditionReason.ENERGY_BUDGET_EXCEEDED.value
+REASON_INVALID_SPEC = ConditionReason.INVALID_SPEC.value
+REASON_SPEC_FIXED = ConditionReason.SPEC_FIXED.value
+REASON_TTL_EXPIRED = ConditionReason.TTL_EXPIRED.value
+REASONS: tuple[str, ...] = tuple(reason.value for reason in ConditionReason)
 
 ENERGY_WARNING_FRACTION = 0.9
 JOULES_PER_KWH = 3.6e6
