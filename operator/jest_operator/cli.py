@@ -348,7 +348,9 @@ def command_run(args: argparse.Namespace) -> int:
     if result.phase == "Succeeded":
         return EXIT_OK
     if result.phase == "Suspended" and result.interrupted_by is not None:
-        return 128 + result.interrupted_by
+        # SIGTERM is how schedulers and `kill` ask for a graceful stop: every worker checkpointed, so it is a
+        # clean exit, like the trainer's own. Ctrl-C keeps the shell convention (130) for interactive use.
+        return EXIT_OK if result.interrupted_by == signal.SIGTERM else 128 + result.interrupted_by
     return EXIT_FAILED
 
 
@@ -456,8 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jestctl",
         description="Run, render and validate JESTTrainingJob manifests without a cluster.",
-        epilog="exit codes: 0 success, 1 the job failed, 2 bad manifest or flags, 130/143 interrupted by "
-               "SIGINT/SIGTERM after the workers checkpointed (the next run resumes)",
+        epilog="exit codes: 0 success (or stopped by SIGTERM after every worker checkpointed), 1 the job failed, "
+               "2 bad manifest or flags, 130 interrupted by Ctrl-C after the workers checkpointed (the next run "
+               "resumes)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -114,7 +114,7 @@ def test_sigterm_checkpoints_and_the_next_run_resumes(tmp_path: Path) -> None:
     finally:
         if process.poll() is None:
             kill_tree(process)
-    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert process.returncode == 0, stderr  # a graceful stop: every worker checkpointed
     assert not any(line.startswith("Traceback") for line in stderr.splitlines()), "jestctl itself must not crash"
     assert "forwarding SIGTERM to every worker" in stderr
     first = json.loads(first_summary.read_text())
