@@ -25,6 +25,7 @@ demo: $(STAMP)
 ## make test: lint, CRD drift, unit, integration and end-to-end tests
 test: $(STAMP) prometheus
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest tests
 
 test-fast: $(STAMP)
@@ -32,6 +33,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/ruff format --check . || true
 
 crds: $(STAMP)
