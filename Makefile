@@ -34,7 +34,6 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports --no-cache
-	$(VENV)/bin/ruff format --check . || true
 
 crds: $(STAMP)
 	$(VENV)/bin/jestctl crds --out crds/
