@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.nn import functional
 
 from jest_trainer.config import SELECTION_METHODS
-from jest_trainer.losses import LOSS_KINDS, sigmoid_pair_losses, softplus_no_grad
+from jest_trainer.losses import LOSS_KINDS, sigmoid_pair_loss_difference_, softplus_no_grad
 
 METHODS: tuple[str, ...] = SELECTION_METHODS
 JOINT_METHODS: tuple[str, ...] = ("jest", "hard_learner", "easy_reference")  # the chunked samplers
@@ -49,15 +49,27 @@ class _ConditionalScorer(Protocol):
     def add(self, indices: Tensor) -> None: ...
 
 
-def _validate_scores(name: str, matrix: Tensor) -> None:
+def _validate_square(name: str, matrix: Tensor) -> None:
     if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
         raise ValueError(f"{name}: expected a square [B, B] matrix, got shape {tuple(matrix.shape)}")
     if matrix.shape[0] == 0:
         raise ValueError(f"{name}: the super-batch is empty")
-    # One reduction instead of an elementwise isfinite pass: the sum is NaN/inf iff some entry is, or the
-    # finite entries are so large that the conditional sums would overflow anyway.
-    if not math.isfinite(float(matrix.sum())):
-        raise ValueError(f"{name}: contains NaN or infinite values (or values too large to sum)")
+
+
+def _validate_finite(names: list[str], stacked: Tensor) -> None:
+    """One reduction over ``[M, B, B]`` (one host sync) instead of an elementwise isfinite pass per matrix.
+
+    A matrix's sum is NaN/inf iff some entry is, or its finite entries are so large that the conditional
+    sums would overflow anyway.
+    """
+    for name, total in zip(names, stacked.sum(dim=(1, 2)).tolist(), strict=True):
+        if not math.isfinite(total):
+            raise ValueError(f"{name}: contains NaN or infinite values (or values too large to sum)")
+
+
+def _validate_scores(name: str, matrix: Tensor) -> None:
+    _validate_square(name, matrix)
+    _validate_finite([name], matrix.unsqueeze(0))
 
 
 def _validate_sizes(super_batch: int, batch_size: int, n_chunks: int | None) -> None:
@@ -85,8 +97,7 @@ def _gumbel_noise(shape: tuple[int, ...], like: Tensor, generator: torch.Generat
     """
     device = generator.device if generator is not None else like.device
     uniform = torch.rand(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
-    uniform.clamp_(min=torch.finfo(like.dtype).tiny)
-    return -torch.log(-torch.log(uniform))
+    return uniform.clamp_(min=torch.finfo(like.dtype).tiny).log_().neg_().log_().neg_()
 
 
 def _chunked_sample(
@@ -101,31 +112,33 @@ def _chunked_sample(
     per_chunk = batch_size // n_chunks
     noise = _gumbel_noise((n_chunks, super_batch), like, generator)
     chunks: list[Tensor] = []
-    for chunk in range(n_chunks):
-        indices = torch.topk(scorer.scores() + noise[chunk], per_chunk, sorted=False).indices
+    for chunk_noise in noise[:-1]:
+        indices = torch.topk(scorer.scores().add(chunk_noise), per_chunk, sorted=False)[1]
         chunks.append(indices)
-        if chunk + 1 < n_chunks:
-            scorer.add(indices)
+        scorer.add(indices)
+    chunks.append(torch.topk(scorer.scores().add(noise[-1]), per_chunk, sorted=False)[1])
     return torch.cat(chunks)
 
 
 class _PairwiseScorer:
     """c(k|A) = S_kk + Σ_{j∈A} (S_kj + S_jk), updated with the new chunk's rows of ``S + S.T`` only.
 
-    Selected items are set to ``-inf`` in place; adding finite scores keeps them there, so no mask is
-    needed (scores are validated finite).
+    The diagonal of ``S + S.T`` is set to ``-inf``: row j's diagonal entry only ever reaches j itself, which
+    has just been selected, so adding the chunk's rows both updates every other item and masks the chunk
+    (one op fewer per chunk than a separate mask). Once ``-inf``, an item stays there: every other entry is
+    finite (scores are validated finite), so no ``inf - inf`` can arise.
     """
 
     def __init__(self, scores: Tensor) -> None:
         self._symmetric = scores + scores.T
+        self._symmetric.diagonal().fill_(-math.inf)
         self._conditional = scores.diagonal().clone()
 
     def scores(self) -> Tensor:
         return self._conditional
 
     def add(self, indices: Tensor) -> None:
-        self._conditional += self._symmetric.index_select(0, indices).sum(dim=0)
-        self._conditional[indices] = -math.inf
+        self._conditional.add_(self._symmetric.index_select(0, indices).sum(dim=0))
 
 
 class _SoftmaxCost:
@@ -284,10 +297,27 @@ def _per_example_softmax_loss(logits: Tensor) -> Tensor:
 
 
 def _require(method: str, name: str, logits: Tensor | None) -> Tensor:
+    """Presence and shape only; each branch checks finiteness where it reads the values (once)."""
     if logits is None:
         raise ValueError(f"{name}: required by selection method {method!r}")
-    _validate_scores(name, logits)
+    _validate_square(name, logits)
     return logits
+
+
+def _sigmoid_pair_scores(learner: Tensor | None, reference: Tensor | None) -> Tensor:
+    """S = M^θ - M^θ* (``jest``), M^θ (``hard_learner``) or -M^θ* (``easy_reference``), validated finite.
+
+    The given models' logits are stacked into one owned ``[M, B, B]`` copy (float32, or float64 if any input
+    is), checked for NaN/inf with one reduction, and turned into S in place by
+    :func:`~jest_trainer.losses.sigmoid_pair_loss_difference_`.
+    """
+    named = [(name, logits) for name, logits in (("learner_logits", learner), ("reference_logits", reference))
+             if logits is not None]
+    dtype = torch.float64 if any(_working_dtype(logits) == torch.float64 for _, logits in named) else torch.float32
+    stacked = torch.stack([logits.detach().to(dtype) for _, logits in named])
+    _validate_finite([name for name, _ in named], stacked)
+    scores = sigmoid_pair_loss_difference_(stacked)
+    return scores.neg_() if learner is None else scores
 
 
 def select_batch(
@@ -335,6 +365,8 @@ def select_batch(
     if method == "learnability_topk":
         assert learner is not None and reference is not None
         _validate_sizes(learner.shape[0], batch_size, None)
+        _validate_scores("learner_logits", learner)
+        _validate_scores("reference_logits", reference)
         with torch.no_grad():
             learner_w = learner.detach().to(_working_dtype(learner))
             reference_w = reference.detach().to(_working_dtype(reference))
@@ -345,20 +377,15 @@ def select_batch(
                 scores = _per_example_softmax_loss(learner_w) - _per_example_softmax_loss(reference_w)
             return torch.topk(scores, batch_size, sorted=True).indices
 
-    terms: list[tuple[float, Tensor]] = []
-    if learner is not None:
-        terms.append((1.0, learner))
-    if reference is not None:
-        terms.append((-1.0, reference))
-
+    size = (learner if learner is not None else reference).shape[0]  # type: ignore[union-attr]
+    _validate_sizes(size, batch_size, n_chunks)
     if loss == "softmax":
+        terms: list[tuple[float, Tensor]] = []
+        for sign, name, logits in ((1.0, "learner_logits", learner), (-1.0, "reference_logits", reference)):
+            if logits is not None:
+                _validate_scores(name, logits)
+                terms.append((sign, logits))
         return _softmax_joint(terms, batch_size, n_chunks, generator)
     with torch.no_grad():
-        pair_scores = None
-        for sign, logits in terms:
-            term = sigmoid_pair_losses(logits.detach().to(_working_dtype(logits)))
-            term = term if sign > 0 else -term
-            pair_scores = term if pair_scores is None else pair_scores + term
-        assert pair_scores is not None
-        _validate_sizes(pair_scores.shape[0], batch_size, n_chunks)
-        return _pairwise_joint(pair_scores, batch_size, n_chunks, generator)
+        pair_scores = _sigmoid_pair_scores(learner, reference)
+        return _chunked_sample(_PairwiseScorer(pair_scores), size, batch_size, n_chunks, pair_scores, generator)

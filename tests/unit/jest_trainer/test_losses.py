@@ -8,8 +8,10 @@ import pytest
 import torch
 from jest_trainer.losses import (
     contrastive_loss,
+    log_no_grad_,
     sigmoid_batch_loss,
     sigmoid_logits,
+    sigmoid_pair_loss_difference_,
     sigmoid_pair_losses,
     softmax_batch_loss,
     softmax_logits,
@@ -64,6 +66,45 @@ def test_fast_no_grad_softplus_agrees_with_torch(dtype: torch.dtype) -> None:
     before = x.clone()
     softplus_no_grad(x)
     assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_pair_loss_difference_equals_the_difference_of_pair_loss_matrices(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(3)
+    learner = torch.randn(64, 64, generator=generator, dtype=dtype) * 30
+    reference = torch.randn(64, 64, generator=generator, dtype=dtype) * 30
+    learner[0, :4] = torch.tensor([1e4, -1e4, 0.0, -120.0], dtype=dtype)
+    reference[0, :4] = torch.tensor([-1e4, 1e4, 0.0, 120.0], dtype=dtype)
+    learner[5, 5], reference[6, 6] = -1e4, 1e4  # positives at the extremes
+    exact_learner, exact_reference = sigmoid_pair_losses(learner.double()), sigmoid_pair_losses(reference.double())
+    tolerance = {"rtol": 1e-6, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-10}
+
+    both = sigmoid_pair_loss_difference_(torch.stack([learner, reference]))
+    torch.testing.assert_close(both.double(), exact_learner - exact_reference, **tolerance)
+    alone = sigmoid_pair_loss_difference_(learner.unsqueeze(0).clone())
+    torch.testing.assert_close(alone.double(), exact_learner, **tolerance)
+    assert both.dtype == dtype
+
+
+def test_fused_pair_loss_difference_rejects_other_shapes() -> None:
+    with pytest.raises(ValueError, match=r"stacked: expected \[1 or 2, B, B\]"):
+        sigmoid_pair_loss_difference_(torch.zeros(3, 4, 4))
+    with pytest.raises(ValueError, match=r"stacked: expected \[1 or 2, B, B\]"):
+        sigmoid_pair_loss_difference_(torch.zeros(2, 4, 5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_no_grad_log_is_torch_log_in_place(dtype: torch.dtype) -> None:
+    values = torch.cat([torch.linspace(0.5, 2.0, 4001, dtype=dtype), torch.logspace(-30, 30, 61, dtype=dtype),
+                        torch.tensor([0.0, -1.0, math.inf, math.nan], dtype=dtype)])
+    expected = torch.log(values)
+    result = log_no_grad_(values)
+    assert result.data_ptr() == values.data_ptr()
+    torch.testing.assert_close(result, expected, equal_nan=True)
+    strided = torch.linspace(1.0, 3.0, 20, dtype=dtype)[::2]  # not contiguous: falls back to Tensor.log_
+    expected = torch.log(strided)
+    torch.testing.assert_close(log_no_grad_(strided), expected)
+    torch.testing.assert_close(strided, expected)
 
 
 def test_pair_losses_with_and_without_gradient_agree_and_differentiate_correctly_at_zero() -> None:

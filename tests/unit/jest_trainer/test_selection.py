@@ -404,3 +404,79 @@ def test_jest_select_rejects_bad_arguments(scores: torch.Tensor, batch_size: int
 def test_jest_select_softmax_rejects_mismatched_models() -> None:
     with pytest.raises(ValueError, match="reference_logits: shape"):
         jest_select_softmax(torch.zeros(4, 4), torch.zeros(5, 5), 2, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fast sigmoid path against the formulation it replaced
+
+
+def _previous_sigmoid_select(
+    learner: torch.Tensor | None, reference: torch.Tensor | None, batch_size: int, n_chunks: int, seed: int
+) -> torch.Tensor:
+    """The pre-optimisation select_batch for the sigmoid joint methods, kept verbatim in spirit: S from two
+    ``sigmoid_pair_losses`` matrices, ``S + S.T`` rows added per chunk, the chunk masked by index assignment."""
+    scores = None
+    for sign, logits in ((1.0, learner), (-1.0, reference)):
+        if logits is not None:
+            term = sign * sigmoid_pair_losses(logits)
+            scores = term if scores is None else scores + term
+    assert scores is not None
+    symmetric, conditional = scores + scores.T, scores.diagonal().clone()
+    uniform = torch.rand((n_chunks, scores.shape[0]), generator=_seeded(seed), dtype=scores.dtype)
+    noise = -torch.log(-torch.log(uniform.clamp(min=torch.finfo(scores.dtype).tiny)))
+    chunks = []
+    for chunk in range(n_chunks):
+        indices = torch.topk(conditional + noise[chunk], batch_size // n_chunks, sorted=False).indices
+        chunks.append(indices)
+        conditional += symmetric.index_select(0, indices).sum(dim=0)
+        conditional[indices] = -math.inf
+    return torch.cat(chunks)
+
+
+def _siglip_like_logits(size: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Scaled, biased logits of correlated unit embeddings, as the trainer hands to select_batch."""
+    generator = _seeded(seed)
+    image = functional.normalize(torch.randn(size, 32, generator=generator, dtype=dtype), dim=1)
+    text = functional.normalize(image + torch.randn(size, 32, generator=generator, dtype=dtype), dim=1)
+    return 10.0 * image @ text.T - 5.0
+
+
+@pytest.mark.parametrize(
+    ("size", "batch_size", "n_chunks", "dtype"),
+    [(320, 64, 16, torch.float32), (128, 32, 8, torch.float32), (40, 12, 3, torch.float64)],
+)
+@pytest.mark.parametrize("method", ["jest", "hard_learner", "easy_reference"])
+def test_sigmoid_joint_selection_is_identical_to_the_previous_formulation(
+    method: str, size: int, batch_size: int, n_chunks: int, dtype: torch.dtype
+) -> None:
+    """Same generator, same indices in the same order: the fused S and the one-op-fewer chunk loop change
+    only float rounding of the scores, never which items are drawn (at these shapes and seeds)."""
+    for seed in range(5):
+        learner, reference = _siglip_like_logits(size, 2 * seed, dtype), _siglip_like_logits(size, 2 * seed + 1, dtype)
+        learner_in = None if method == "easy_reference" else learner
+        reference_in = None if method == "hard_learner" else reference
+        ours = select_batch(method, learner_logits=learner_in, reference_logits=reference_in, loss="sigmoid",
+                            batch_size=batch_size, n_chunks=n_chunks, generator=_seeded(seed))
+        previous = _previous_sigmoid_select(learner_in, reference_in, batch_size, n_chunks, seed)
+        assert torch.equal(ours, previous), (method, seed)
+
+
+def test_selected_indices_drive_an_autograd_forward_and_backward() -> None:
+    """The trainer indexes the super-batch with the selection and backpropagates through it."""
+    learner, reference = _siglip_like_logits(48, 0), _siglip_like_logits(48, 1)
+    selected = select_batch("jest", learner_logits=learner, reference_logits=reference, loss="sigmoid",
+                            batch_size=16, n_chunks=4, generator=_seeded(0))
+    features = torch.randn(48, 8, generator=_seeded(1))
+    weight = torch.randn(8, 8, generator=_seeded(2), requires_grad=True)
+    batch = features.index_select(0, selected) @ weight
+    sigmoid_pair_losses(batch @ batch.T).sum().backward()
+    assert weight.grad is not None and torch.isfinite(weight.grad).all() and weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("which", ["learner_logits", "reference_logits"])
+def test_non_finite_logits_are_rejected_by_name_in_the_sigmoid_joint_path(which: str, bad: float) -> None:
+    logits = {"learner_logits": _matrix(8, seed=23), "reference_logits": _matrix(8, seed=24)}
+    logits[which][2, 5] = bad
+    with pytest.raises(ValueError, match=f"{which}: contains NaN or infinite values"):
+        select_batch("jest", loss="sigmoid", batch_size=4, n_chunks=2, **logits)
