@@ -38,8 +38,9 @@ from tests.integration.kube.conftest import (
     start_operator,
     stop_process,
     wait_for,
+    wait_phase,
+    wait_pods,
 )
-from tests.integration.kube.test_operator import wait_phase, wait_pods
 from tests.integration.test_dashboard import dashboard_queries
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]

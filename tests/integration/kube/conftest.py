@@ -8,9 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,27 +20,14 @@ from typing import Any
 import pytest
 import requests
 
+from tests.conftest import find_free_port, require_tool
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
 EMULATOR = HERE / "emulator.py"
 
 JOBS = "/apis/jest.training/v1alpha1/namespaces/{ns}/jesttrainingjobs"
 THREAD_LIMITS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-
-
-def find_free_port() -> int:
-    """A free loopback port chosen by the OS."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def require_tool(name: str) -> str:
-    """Path of a required tool; fails (never skips) when missing, as CI must notice."""
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"required tool {name!r} is not installed")
-    return path
 
 
 def wait_for(
@@ -160,7 +145,11 @@ def start_emulator(tmp: Path, *extra: str) -> Cluster:
         except requests.RequestException:
             return False
 
-    wait_for(up, timeout=30, what="the emulator")
+    try:
+        wait_for(up, timeout=30, what="the emulator")
+    except BaseException:
+        stop_process(proc)  # a process that never came up must not outlive the failed test
+        raise
     kubeconfig = tmp / "kubeconfig"
     kubeconfig.write_text(
         "apiVersion: v1\nkind: Config\n"
@@ -211,8 +200,41 @@ def start_operator(cluster: Cluster, tmp: Path, *, resync_seconds: float = 1.0, 
         except requests.RequestException:
             return False
 
-    wait_for(live, timeout=60, interval=0.2, what="the operator's liveness endpoint")
+    try:
+        wait_for(live, timeout=60, interval=0.2, what="the operator's liveness endpoint")
+    except BaseException:
+        stop_process(proc)  # a process that never came up must not outlive the failed test
+        raise
     return operator
+
+
+def phase_of(cluster: Cluster, name: str) -> str | None:
+    """The job's status.phase as the API server holds it (None before the operator wrote one)."""
+    return ((cluster.job(name) or {}).get("status") or {}).get("phase")
+
+
+def wait_phase(cluster: Cluster, name: str, phase: str, timeout: float = 30) -> dict:
+    """Wait until the job reaches ``phase``; returns its status."""
+    wait_for(lambda: phase_of(cluster, name) == phase, timeout=timeout, what=f"{name} to be {phase}")
+    return cluster.job(name)["status"]
+
+
+def wait_pods(
+    cluster: Cluster, name: str, count: int, *, attempt: int | None = None, timeout: float = 30
+) -> list[dict]:
+    """Wait until the job has exactly ``count`` pods (all of ``attempt`` when given); returns them."""
+
+    def ready() -> list[dict] | None:
+        pods = cluster.pods(name)
+        if len(pods) != count:
+            return None
+        if attempt is not None and any(p["metadata"]["annotations"]["jest.training/attempt"] != str(attempt)
+                                       for p in pods):
+            return None
+        return pods or [{}]
+
+    found = wait_for(ready, timeout=timeout, what=f"{count} pods of {name} (attempt {attempt})")
+    return [] if found == [{}] else found
 
 
 @pytest.fixture(scope="module")

@@ -19,34 +19,21 @@ from jest_trainer.config import EnergyConfig
 from jest_trainer.energy import create_meter
 from jest_trainer.metrics import TrainerMetrics
 
-from .conftest import REPO, Cluster, Operator, job_manifest, start_emulator, start_operator, stop_process, wait_for
+from .conftest import (
+    REPO,
+    Cluster,
+    Operator,
+    job_manifest,
+    phase_of,
+    start_emulator,
+    start_operator,
+    stop_process,
+    wait_for,
+    wait_phase,
+    wait_pods,
+)
 
 pytestmark = pytest.mark.slow
-
-
-def phase_of(cluster: Cluster, name: str) -> str | None:
-    return ((cluster.job(name) or {}).get("status") or {}).get("phase")
-
-
-def wait_phase(cluster: Cluster, name: str, phase: str, timeout: float = 30) -> dict:
-    wait_for(lambda: phase_of(cluster, name) == phase, timeout=timeout, what=f"{name} to be {phase}")
-    return cluster.job(name)["status"]
-
-
-def wait_pods(
-    cluster: Cluster, name: str, count: int, *, attempt: int | None = None, timeout: float = 30
-) -> list[dict]:
-    def ready() -> list[dict] | None:
-        pods = cluster.pods(name)
-        if len(pods) != count:
-            return None
-        if attempt is not None and any(p["metadata"]["annotations"]["jest.training/attempt"] != str(attempt)
-                                       for p in pods):
-            return None
-        return pods or [{}]
-
-    found = wait_for(ready, timeout=timeout, what=f"{count} pods of {name} (attempt {attempt})")
-    return [] if found == [{}] else found
 
 
 def condition(status: dict, type_: str) -> dict:
