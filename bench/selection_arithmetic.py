@@ -1,11 +1,14 @@
 """Micro-benchmark: what JEST's selection arithmetic costs per step on CPU, one thread.
 
 JEST adds, per step, a learner and a reference forward over the super-batch (measured by the training
-loop) plus the arithmetic timed here: the two ``[B, D] x [D, B]`` logit products, the per-pair loss
-matrices ``S = M^θ - M^θ*`` and the chunked sampling. The headline configuration is the quickstart's
-per-rank shape, B = 320, b = 64 (filter ratio 0.8), 16 chunks. Each operation is timed call by call
-(after a warm-up) and summarised by median and 10th/90th percentiles, because the benchmark machine is
-shared: the load average before and after is recorded with the numbers.
+loop) plus the arithmetic timed here: the two ``[B, D] x [D, B]`` logit products, the per-pair
+learnability ``S = M^θ - M^θ*`` (``pair_loss_matrices``: two loss matrices subtracted, the formulation
+training uses; ``pair_score_fused``: the one-pass form ``select_batch`` uses) and the chunked sampling
+(``jest_select``, given S; ``select_batch_jest_sigmoid`` is the whole call the trainer times). The
+headline configuration is the quickstart's per-rank shape, B = 320, b = 64 (filter ratio 0.8), 16
+chunks. Each operation is timed call by call (after a warm-up) and summarised by median and 10th/90th
+percentiles, because the benchmark machine is shared: the load average before and after is recorded with
+the numbers.
 
 Writes ``bench/results/selection_arithmetic.json`` and a PNG next to it:
 ``python bench/selection_arithmetic.py [--repeats N] [--out PATH]``.
@@ -24,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from jest_trainer.losses import sigmoid_logits, sigmoid_pair_losses, softmax_logits
+from jest_trainer.losses import sigmoid_logits, sigmoid_pair_loss_difference_, sigmoid_pair_losses, softmax_logits
 from jest_trainer.selection import jest_select, jest_select_softmax, select_batch
 from torch.nn import functional
 
@@ -88,6 +91,7 @@ def measure_shape(super_batch: int, batch_size: int, chunks: int, dim: int, repe
             sigmoid_logits(reference_image, reference_text, scale, bias),
         ),
         "pair_loss_matrices": lambda: sigmoid_pair_losses(learner) - sigmoid_pair_losses(reference),
+        "pair_score_fused": lambda: sigmoid_pair_loss_difference_(torch.stack([learner, reference])),
         "jest_select": lambda: jest_select(scores, batch_size, chunks, generator),
         "select_batch_jest_sigmoid": dispatch("jest", "sigmoid"),
         "jest_select_softmax": lambda: jest_select_softmax(learner_soft, reference_soft, batch_size, chunks,
@@ -123,7 +127,7 @@ def plot(result: dict, png: Path) -> None:
     bars.invert_yaxis()
 
     for name, colour in (("jest_select", "#4c72b0"), ("jest_select_softmax", "#dd8452"),
-                         ("pair_loss_matrices", "#55a868")):
+                         ("pair_loss_matrices", "#55a868"), ("pair_score_fused", "#8172b3")):
         points = [(row["config"]["superBatch"], row["timings"][name]["median_us"]) for row in result["sweep"]]
         sweep.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=colour, label=name)
     sweep.set_xscale("log")

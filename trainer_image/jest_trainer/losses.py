@@ -113,7 +113,7 @@ def sigmoid_pair_loss_difference_(stacked: Tensor) -> Tensor:
         raise ValueError(f"stacked: expected [1 or 2, B, B] logits, got shape {tuple(stacked.shape)}")
     stacked.diagonal(dim1=1, dim2=2).neg_()
     hinge = stacked.clamp(min=0)
-    sigmoid = torch.sigmoid(stacked.abs_(), out=stacked)
+    sigmoid = stacked.abs_().sigmoid_()
     if stacked.shape[0] == 1:
         return log_no_grad_(sigmoid[0]).neg_().add_(hinge[0])
     learner, reference = sigmoid.unbind(0)
