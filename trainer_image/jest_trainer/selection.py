@@ -63,13 +63,17 @@ def _validate_finite(names: list[str], stacked: Tensor) -> None:
     sums would overflow anyway.
     """
     for name, total in zip(names, stacked.sum(dim=(1, 2)).tolist(), strict=True):
-        if not math.isfinite(total):
-            raise ValueError(f"{name}: contains NaN or infinite values (or values too large to sum)")
+        _require_finite(name, total)
+
+
+def _require_finite(name: str, total: float) -> None:
+    if not math.isfinite(total):
+        raise ValueError(f"{name}: contains NaN or infinite values (or values too large to sum)")
 
 
 def _validate_scores(name: str, matrix: Tensor) -> None:
     _validate_square(name, matrix)
-    _validate_finite([name], matrix.unsqueeze(0))
+    _require_finite(name, float(matrix.sum()))
 
 
 def _validate_sizes(super_batch: int, batch_size: int, n_chunks: int | None) -> None:
