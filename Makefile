@@ -45,8 +45,12 @@ prometheus:
 
 bench: bench-selection bench-scaling bench-reconcile bench-energy bench-arithmetic
 
+## every selection method at f = 0.5 / 0.8 / 0.9, 3 seeds (about 5 min each on 2 cores)
 bench-selection: $(STAMP)
-	$(VENV)/bin/jestctl bench selection --seeds 3 --filter-ratio 0.8 --out bench/results/selection.json
+	for f in 0.5 0.8 0.9; do \
+	  $(VENV)/bin/jestctl bench selection --seeds 3 --filter-ratio $$f \
+	    --out bench/results/selection-f$$f.json --plot bench/results/selection-f$$f.png || exit 1; \
+	done
 
 bench-scaling: $(STAMP)
 	$(VENV)/bin/jestctl bench scaling --workers 1,2 --batch-size 256 --steps 60 --out bench/results/scaling.json
