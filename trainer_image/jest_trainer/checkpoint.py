@@ -20,10 +20,10 @@ import os
 import random
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -60,14 +60,18 @@ def _fsync_directory(directory: Path) -> None:
             os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see either the old file or the whole new one."""
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Run ``write`` on a temp file beside ``path``, fsync, then rename it over ``path`` (atomic on POSIX).
+
+    Readers see either the old file or the whole new one; a writer killed mid-way leaves only a
+    ``.<name>.*.tmp`` file, which :func:`prune_temporaries` removes.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
@@ -76,6 +80,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.unlink(tmp_name)
         raise
     _fsync_directory(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see either the old file or the whole new one."""
+    _atomic_write(path, lambda handle: handle.write(data))
 
 
 def atomic_write_json(path: Path, document: Mapping[str, Any]) -> None:
@@ -111,18 +120,7 @@ def save_checkpoint(directory: Path, step: int, state: Mapping[str, Any], *, kee
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(directory, step)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(dict(state), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_directory(directory)
+    _atomic_write(path, lambda handle: torch.save(dict(state), handle))
     for _, old in list_checkpoints(directory)[:-keep]:
         with contextlib.suppress(FileNotFoundError):
             old.unlink()
