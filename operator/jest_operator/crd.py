@@ -97,6 +97,12 @@ _SOURCE_COUNT = " + ".join(f"(has(self.{source}) ? 1 : 0)" for source in VOLUME_
 _RESERVED_KEY_RULE = "self.all(k, " + " && ".join(f"!k.startsWith('{p}')" for p in RESERVED_LABEL_PREFIXES) + ")"
 
 #: CEL rules by schema path (``[]`` = each list item). ``api.parse_job`` enforces the same rules.
+# Accelerator resources come from accelerator.count only, in requests and limits alike.
+_ACCELERATOR_RESOURCES_RULE = _rule(
+    "!('nvidia.com/gpu' in self) && !('google.com/tpu' in self)",
+    "nvidia.com/gpu and google.com/tpu are set from accelerator.count",
+)
+
 CEL_RULES: dict[str, list[dict[str, str]]] = {
     "": [
         _rule(
@@ -131,18 +137,8 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
         _rule("self.type == 'cpu' || has(self.count)", "count is required for gpu and tpu", ".count"),
         _rule("self.type != 'cpu' || !has(self.count)", "count is only allowed for gpu and tpu", ".count"),
     ],
-    "spec.resources.requests": [
-        _rule(
-            "!('nvidia.com/gpu' in self) && !('google.com/tpu' in self)",
-            "nvidia.com/gpu and google.com/tpu are set from accelerator.count",
-        )
-    ],
-    "spec.resources.limits": [
-        _rule(
-            "!('nvidia.com/gpu' in self) && !('google.com/tpu' in self)",
-            "nvidia.com/gpu and google.com/tpu are set from accelerator.count",
-        )
-    ],
+    "spec.resources.requests": [_ACCELERATOR_RESOURCES_RULE],
+    "spec.resources.limits": [_ACCELERATOR_RESOURCES_RULE],
     "spec.training.selection": [
         _rule("self.filterRatio < 1.0", "filterRatio must be < 1 (it is the fraction discarded)", ".filterRatio"),
         _rule("self.batchSize % self.chunks == 0", "batchSize must be divisible by chunks", ".batchSize"),
