@@ -20,6 +20,7 @@ which is what the budget alert compares against ``jest_energy_budget_joules``),
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
@@ -211,6 +212,10 @@ class TrainerMetrics:
             self._phase_seconds.labels(**self._labels, phase=phase)
         for kind in FLOP_KINDS:
             self._flops.labels(**self._labels, kind=kind)
+        # Per-step gauges read NaN (Prometheus' "no value yet") until the first step: the series exist from
+        # the first scrape without claiming a loss or a ratio nobody measured.
+        for gauge in (self._loss, self._selection_ratio):
+            gauge.labels(**self._labels).set(math.nan)
 
     # --- serving ---------------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import urllib.request
 from collections.abc import Iterator
@@ -199,3 +200,14 @@ def test_identity_is_validated() -> None:
         TrainerMetrics(trainingjob="", rank=0)
     with pytest.raises(ValueError, match="rank"):
         TrainerMetrics(trainingjob="x", rank=-1)
+
+
+def test_every_design_metric_exists_from_the_first_scrape(metrics: TrainerMetrics) -> None:
+    """A probe scraping before the first step sees every name; per-step gauges read NaN, not a made-up 0."""
+    metrics.attach_energy(create_meter(EnergyConfig(), device_kind="cpu", device_indices=[0]))
+    names = {name for name, _ in samples(metrics)}
+    for name in DESIGN_NAMES - {"jest_eval_accuracy"}:  # accuracy appears with the first evaluation
+        assert name in names or f"{name}_bucket" in names, f"{name} is missing before the first step"
+    assert math.isnan(value(metrics, "jest_train_loss")) and math.isnan(value(metrics, "jest_selection_ratio"))
+    step(metrics)
+    assert (value(metrics, "jest_train_loss"), value(metrics, "jest_selection_ratio")) == (0.7, 0.2)
