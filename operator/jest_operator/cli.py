@@ -278,21 +278,6 @@ def parse_env_flags(items: Sequence[str]) -> dict[str, str]:
     return env
 
 
-def local_thread_env(local_processes: int, environ: dict[str, str] | None = None) -> dict[str, str]:
-    """``OMP_NUM_THREADS`` for local workers sharing this machine: the cores split between them.
-
-    On a cluster every pod has its own cores; locally N workers each defaulting to all cores would
-    oversubscribe them (as torchrun avoids by setting 1). Left alone when the user set it.
-    """
-    import os
-
-    source = os.environ if environ is None else environ
-    if "OMP_NUM_THREADS" in source:
-        return {}
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return {"OMP_NUM_THREADS": str(max(1, cores // max(1, local_processes)))}
-
-
 def command_run(args: argparse.Namespace) -> int:
     """``jestctl run``: validate, then run the job's pods as a local gang with operator semantics."""
     from jest_operator.api import world_size
@@ -327,7 +312,7 @@ def command_run(args: argparse.Namespace) -> int:
         on_progress=view.update,
         active_deadline_seconds=run_policy.active_deadline_seconds,
         grace_seconds=args.grace_seconds,
-        extra_env={"JEST_PROGRESS": "plain", **local_thread_env(world_size(job)), **extra_env},
+        extra_env={"JEST_PROGRESS": "plain", **extra_env},
     )
     if run_policy.suspend:
         print(f"error: {name}: spec.runPolicy.suspend is true; nothing to run", file=sys.stderr)

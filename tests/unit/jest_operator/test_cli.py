@@ -246,17 +246,6 @@ def test_scaling_benchmark_summarises_scraped_phase_totals(repo_root: Path) -> N
     assert scaling["_training_seconds"](run) == pytest.approx(0.4)
 
 
-def test_local_thread_env_splits_cores_unless_the_user_chose() -> None:
-    import os
-
-    from jest_operator.cli import local_thread_env
-
-    assert local_thread_env(2, {"OMP_NUM_THREADS": "3"}) == {}
-    cores = len(os.sched_getaffinity(0))
-    assert local_thread_env(1, {}) == {"OMP_NUM_THREADS": str(cores)}
-    assert local_thread_env(10_000, {}) == {"OMP_NUM_THREADS": "1"}
-
-
 def test_load_job_documents_reads_exponent_numbers_as_kubectl_does(tmp_path: Path) -> None:
     path = tmp_path / "job.yaml"
     path.write_text(
