@@ -21,7 +21,7 @@ sidecar); otherwise ``http://<status.podIP>:<container port named "metrics", def
 Pods without an IP, unreachable endpoints, garbage and partial expositions are tolerated: whatever could
 be read is used, the rest stays None (and the status keeps its previous value).
 
-Parsing is pure (:func:`parse_metrics`, :func:`combine_ranks`, :func:`progress_from_file`); only
+Parsing is pure (:func:`parse_metrics`, :func:`combine_ranks`); only
 :func:`scrape` and :func:`read_progress` do I/O.
 """
 
@@ -201,44 +201,6 @@ def _sum(values: Iterable[float | None]) -> float | None:
 def _max(values: Iterable[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return max(present) if present else None
-
-
-def progress_from_file(document: Mapping[str, Any]) -> TrainerProgress:
-    """Read the trainer's progress file (contract C2, camelCase) into TrainerProgress; bad fields are skipped."""
-    energy = document.get("energy") if isinstance(document.get("energy"), Mapping) else {}
-    checkpoint = document.get("checkpoint") if isinstance(document.get("checkpoint"), Mapping) else {}
-    method, source = energy.get("method"), energy.get("source")
-    joules = _number(energy.get("joules"))
-    return TrainerProgress(
-        step=_integer(document.get("step")),
-        total_steps=_integer(document.get("totalSteps")),
-        examples_trained=_number(document.get("examplesTrained")),
-        examples_scored=_number(document.get("examplesScored")),
-        observed_selection_ratio=_number(document.get("observedSelectionRatio")),
-        last_eval_accuracy=_number(document.get("lastEvalAccuracy")),
-        loss=_number(document.get("loss")),
-        examples_per_second=_number(document.get("examplesPerSecond")),
-        step_seconds=_number(document.get("stepSeconds")),
-        selection_overhead_fraction=_number(document.get("selectionOverheadFraction")),
-        energy_joules=joules if method and source else None,
-        average_watts=_number(energy.get("averageWatts")) if method and source else None,
-        energy_method=str(method) if method and source else None,
-        energy_source=str(source) if method and source else None,
-        checkpoint_step=_integer(checkpoint.get("step")),
-        checkpoint_path=str(checkpoint["path"]) if checkpoint.get("path") else None,
-        checkpoint_time=str(checkpoint["time"]) if checkpoint.get("time") else None,
-    )
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
-def _integer(value: Any) -> int | None:
-    number = _number(value)
-    return None if number is None else round(number)
 
 
 def metrics_url(pod: Mapping[str, Any]) -> str | None:

@@ -11,7 +11,6 @@ from jest_operator.progress import (
     least_trustworthy,
     metrics_url,
     parse_metrics,
-    progress_from_file,
     read_progress,
     scrape,
 )
@@ -176,27 +175,6 @@ def test_read_progress_ignores_pods_that_are_not_running():
 def test_scrape_returns_none_for_bad_urls(free_port):
     assert scrape(f"http://127.0.0.1:{free_port}/metrics", timeout=0.5) is None
     assert scrape("not a url") is None
-
-
-def test_progress_file_round_trip():
-    document = {
-        "phase": "Running", "step": 40, "totalSteps": 250, "examplesTrained": 2560, "examplesScored": 12800,
-        "observedSelectionRatio": 0.2, "lastEvalAccuracy": None, "loss": 0.31, "examplesPerSecond": 900.5,
-        "stepSeconds": 0.07, "selectionOverheadFraction": 0.4,
-        "energy": {"joules": 1234.5, "averageWatts": 60.0, "method": "modelled", "source": "config:x"},
-        "checkpoint": {"step": 40, "path": "/ckpt/ckpt-00000040.pt", "time": "2026-11-29T10:00:00Z"},
-        "resumedFromStep": None, "worldSize": 2, "attempt": 0, "updatedAt": "2026-11-29T10:00:01Z",
-    }
-    progress = progress_from_file(document)
-    assert (progress.step, progress.total_steps, progress.examples_trained) == (40, 250, 2560.0)
-    assert progress.last_eval_accuracy is None
-    assert (progress.energy_joules, progress.energy_method, progress.energy_source) == (1234.5, "modelled", "config:x")
-    assert (progress.checkpoint_step, progress.checkpoint_path) == (40, "/ckpt/ckpt-00000040.pt")
-
-
-def test_progress_file_without_energy_labels_reports_no_energy():
-    progress = progress_from_file({"step": "x", "energy": {"joules": 5.0}, "checkpoint": "nope"})
-    assert progress.step is None and progress.energy_joules is None and progress.checkpoint_path is None
 
 
 def test_rank0_checkpoint_reaches_the_status_with_the_trainer_file_name():
