@@ -11,15 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from jest_operator.local import find_free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def find_free_port() -> int:
-    """Ask the OS for a free loopback TCP port (never hard-code ports in tests)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def find_free_port_pair() -> int:
