@@ -8,7 +8,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: venv demo test test-fast lint crds bench bench-selection bench-scaling bench-reconcile bench-energy bench-arithmetic prometheus clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py trainer_image/jest_trainer/_selection_native.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1

@@ -25,6 +25,8 @@ the single-process gradient, which is exactly what DDP's mean all-reduce compute
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy
@@ -32,6 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.nn import functional
+
+from jest_trainer import native
 
 LossKind = Literal["sigmoid", "softmax"]
 LOSS_KINDS: tuple[str, ...] = ("sigmoid", "softmax")
@@ -119,6 +123,39 @@ def sigmoid_pair_loss_difference_(stacked: Tensor) -> Tensor:
     learner, reference = sigmoid.unbind(0)
     learner_hinge, reference_hinge = hinge.unbind(0)
     return log_no_grad_(reference.div_(learner)).add_(learner_hinge).sub_(reference_hinge)
+
+
+def sigmoid_pair_loss_difference(logits: Sequence[Tensor], dtype: torch.dtype) -> Tensor | None:
+    """``M^0 - M^1`` (or ``M^0`` for one matrix) of one or two ``[B, B]`` logit matrices, as a new tensor in
+    ``dtype``; ``None`` if any logit is NaN or infinite (the caller names the bad input). Inputs are left
+    untouched; no gradient (selection).
+
+    The same stable form as :func:`sigmoid_pair_loss_difference_`, exact for every finite logit: with
+    ``a = z·L``, ``M = -min(a, 0) - log sigmoid(|a|)``, so ``M^0 - M^1 = [min(a¹, 0) - min(a⁰, 0)] +
+    log(sigmoid(|a¹|) / sigmoid(|a⁰|))`` with the ratio in [1/2, 2]. On CPU the pass before the sigmoid
+    (``|a|``, the hinge and the finiteness check) is one vectorised pass of the native kernel
+    (:mod:`jest_trainer.native`) instead of torch's stack, negate-diagonal, clamp, abs and sum; elsewhere,
+    or without the kernel, or for inputs that are not contiguous ``dtype`` tensors, it is the torch form.
+    """
+    kernel = native.KERNEL
+    if kernel is None or logits[0].device.type != "cpu" or any(
+        matrix.dtype != dtype or not matrix.is_contiguous() for matrix in logits
+    ):
+        stacked = torch.stack([matrix.detach().to(dtype) for matrix in logits])
+        if not math.isfinite(float(stacked.sum())):
+            return None
+        return sigmoid_pair_loss_difference_(stacked)
+    size = logits[0].shape[0]
+    magnitudes = torch.empty((len(logits), size, size), dtype=dtype)
+    hinge = torch.empty((size, size), dtype=dtype)
+    arrays = [matrix.detach().numpy() for matrix in logits]
+    second = arrays[1] if len(arrays) == 2 else None
+    if not kernel.sigmoid_pair_prelude(arrays[0], second, magnitudes.numpy(), hinge.numpy()):
+        return None
+    sigmoids = magnitudes.sigmoid_()
+    if second is None:
+        return log_no_grad_(sigmoids[0]).neg_().add_(hinge)
+    return log_no_grad_(sigmoids[1].div_(sigmoids[0])).add_(hinge)
 
 
 def _softplus(x: Tensor) -> Tensor:

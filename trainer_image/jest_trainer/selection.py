@@ -11,7 +11,9 @@ selected items are masked to ``-inf``.
 
 * Sigmoid loss: the learnability of ``A`` is ``Σ_{i,j∈A} S_ij`` with ``S = M^θ - M^θ*`` (per-pair losses),
   so ``c(k|A) = S_kk + Σ_{j∈A} S_kj + Σ_{j∈A} S_jk``, kept incrementally with ``index_select`` of the new
-  chunk's rows and columns (O(B·k) per chunk).
+  chunk's rows and columns (O(B·k) per chunk). On CPU that loop is dispatch-bound at JEST's shapes, so it
+  runs in a small compiled kernel (``_selection_native.c``, built by ``setup.py``; NumPy where it was not
+  built); accelerators run it in torch. All draw the same chunks.
 * Softmax loss: the CLIP loss does not decompose into pairs; :func:`softmax_incremental_cost` is the exact
   change of the *summed* CLIP loss ``Lsum(A) = Σ_{i∈A} CE_row_i + Σ_{j∈A} CE_col_j = 2|A|·softmax_batch_loss``
   when ``k`` joins ``A``: its own positive, the log-sum-exp of its row and column over ``A+{k}``, and the
@@ -30,12 +32,18 @@ from __future__ import annotations
 import math
 from typing import Literal, Protocol
 
+import numpy
 import torch
 from torch import Tensor
 from torch.nn import functional
 
+from jest_trainer import native
 from jest_trainer.config import SELECTION_METHODS
-from jest_trainer.losses import LOSS_KINDS, sigmoid_pair_loss_difference_, softplus_no_grad
+from jest_trainer.losses import (
+    LOSS_KINDS,
+    sigmoid_pair_loss_difference,
+    softplus_no_grad,
+)
 
 METHODS: tuple[str, ...] = SELECTION_METHODS
 JOINT_METHODS: tuple[str, ...] = ("jest", "hard_learner", "easy_reference")  # the chunked samplers
@@ -56,14 +64,11 @@ def _validate_square(name: str, matrix: Tensor) -> None:
         raise ValueError(f"{name}: the super-batch is empty")
 
 
-def _validate_finite(names: list[str], stacked: Tensor) -> None:
-    """One reduction over ``[M, B, B]`` (one host sync) instead of an elementwise isfinite pass per matrix.
-
-    A matrix's sum is NaN/inf iff some entry is, or its finite entries are so large that the conditional
-    sums would overflow anyway.
-    """
-    for name, total in zip(names, stacked.sum(dim=(1, 2)).tolist(), strict=True):
-        _require_finite(name, total)
+def _non_finite_error(named: list[tuple[str, Tensor]]) -> ValueError:
+    """The error for logits found non-finite (or too large to sum), naming the matrices that are."""
+    culprits = [name for name, logits in named if not math.isfinite(float(logits.detach().double().sum()))]
+    names = ", ".join(culprits or [name for name, _ in named])
+    return ValueError(f"{names}: contains NaN or infinite values (or values too large to sum)")
 
 
 def _require_finite(name: str, total: float) -> None:
@@ -122,6 +127,53 @@ def _chunked_sample(
         scorer.add(indices)
     chunks.append(torch.topk(scorer.scores().add(noise[-1]), per_chunk, sorted=False)[1])
     return torch.cat(chunks)
+
+
+def _pairwise_sample(
+    scores: Tensor, batch_size: int, n_chunks: int, generator: torch.Generator | None
+) -> Tensor:
+    """Chunked sampling from a pairwise score matrix ``S``: the CPU loop on CPU, torch's elsewhere (same draws)."""
+    if scores.device.type != "cpu":
+        return _chunked_sample(_PairwiseScorer(scores), scores.shape[0], batch_size, n_chunks, scores, generator)
+    noise = _gumbel_noise((n_chunks, scores.shape[0]), scores, generator)
+    return _pairwise_chunk_loop_cpu(scores, noise, batch_size // n_chunks)
+
+
+def _pairwise_chunk_loop_cpu(scores: Tensor, noise: Tensor, per_chunk: int) -> Tensor:
+    """The chunk loop of :class:`_PairwiseScorer` for CPU tensors: the native kernel, else NumPy.
+
+    At JEST's shapes (B in the hundreds, chunks of a few items) the loop is bound by per-call overhead, not
+    arithmetic: 16 chunks at B = 320 take ~30 µs in the native kernel (one call), ~190 µs in NumPy (11 calls
+    a chunk) and more in torch's eager dispatch. All three draw the same chunks.
+    """
+    matrix = numpy.ascontiguousarray(scores.numpy())
+    gumbel = numpy.ascontiguousarray(noise.numpy())
+    if native.KERNEL is not None:
+        chosen = numpy.empty(gumbel.shape[0] * per_chunk, dtype=numpy.int64)
+        native.KERNEL.pairwise_chunk_loop(matrix, gumbel, per_chunk, chosen)
+        return torch.from_numpy(chosen)
+    return _pairwise_chunk_loop_numpy(matrix, gumbel, per_chunk)
+
+
+def _pairwise_chunk_loop_numpy(matrix: numpy.ndarray, gumbel: numpy.ndarray, per_chunk: int) -> Tensor:
+    """The fallback where the native kernel was not built: the same loop in NumPy.
+
+    ``S + S.T`` is never formed: each chunk adds its rows *and* its columns of ``S`` to ``c`` and masks
+    itself to ``-inf``, which costs less than one transposed pass over ``B²``. Each chunk is the top
+    ``per_chunk`` of ``c + noise[chunk]`` (``argpartition``), exactly what ``topk`` picks there.
+    """
+    conditional = numpy.diagonal(matrix).copy()
+    perturbed = numpy.empty_like(conditional)
+    chosen = numpy.empty(gumbel.shape[0] * per_chunk, dtype=numpy.int64)
+    for chunk, chunk_noise in enumerate(gumbel):
+        numpy.add(conditional, chunk_noise, out=perturbed)
+        indices = numpy.argpartition(perturbed, -per_chunk)[-per_chunk:]
+        chosen[chunk * per_chunk:(chunk + 1) * per_chunk] = indices
+        if chunk + 1 < gumbel.shape[0]:
+            conditional += matrix[indices].sum(axis=0)
+            conditional += matrix[:, indices].sum(axis=1)
+            conditional[indices] = -math.inf
+    return torch.from_numpy(chosen)
 
 
 class _PairwiseScorer:
@@ -249,8 +301,7 @@ def jest_select(
 
 def _pairwise_joint(scores: Tensor, batch_size: int, n_chunks: int, generator: torch.Generator | None) -> Tensor:
     with torch.no_grad():
-        working = scores.detach().to(_working_dtype(scores))
-        return _chunked_sample(_PairwiseScorer(working), scores.shape[0], batch_size, n_chunks, working, generator)
+        return _pairwise_sample(scores.detach().to(_working_dtype(scores)), batch_size, n_chunks, generator)
 
 
 def _softmax_joint(
@@ -311,16 +362,15 @@ def _require(method: str, name: str, logits: Tensor | None) -> Tensor:
 def _sigmoid_pair_scores(learner: Tensor | None, reference: Tensor | None) -> Tensor:
     """S = M^θ - M^θ* (``jest``), M^θ (``hard_learner``) or -M^θ* (``easy_reference``), validated finite.
 
-    The given models' logits are stacked into one owned ``[M, B, B]`` copy (float32, or float64 if any input
-    is), checked for NaN/inf with one reduction, and turned into S in place by
-    :func:`~jest_trainer.losses.sigmoid_pair_loss_difference_`.
+    Computed by :func:`~jest_trainer.losses.sigmoid_pair_loss_difference` in float32 (float64 if any input
+    is), which also reports NaN/inf logits; those raise here, naming the matrix.
     """
     named = [(name, logits) for name, logits in (("learner_logits", learner), ("reference_logits", reference))
              if logits is not None]
     dtype = torch.float64 if any(_working_dtype(logits) == torch.float64 for _, logits in named) else torch.float32
-    stacked = torch.stack([logits.detach().to(dtype) for _, logits in named])
-    _validate_finite([name for name, _ in named], stacked)
-    scores = sigmoid_pair_loss_difference_(stacked)
+    scores = sigmoid_pair_loss_difference([logits for _, logits in named], dtype)
+    if scores is None:
+        raise _non_finite_error(named)
     return scores.neg_() if learner is None else scores
 
 
@@ -391,5 +441,4 @@ def select_batch(
                 terms.append((sign, logits))
         return _softmax_joint(terms, batch_size, n_chunks, generator)
     with torch.no_grad():
-        pair_scores = _sigmoid_pair_scores(learner, reference)
-        return _chunked_sample(_PairwiseScorer(pair_scores), size, batch_size, n_chunks, pair_scores, generator)
+        return _pairwise_sample(_sigmoid_pair_scores(learner, reference), batch_size, n_chunks, generator)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 
+import numpy
 import pytest
 import torch
+from jest_trainer import native
 from jest_trainer.losses import (
     contrastive_loss,
     log_no_grad_,
     sigmoid_batch_loss,
     sigmoid_logits,
+    sigmoid_pair_loss_difference,
     sigmoid_pair_loss_difference_,
     sigmoid_pair_losses,
     softmax_batch_loss,
@@ -84,6 +87,98 @@ def test_fused_pair_loss_difference_equals_the_difference_of_pair_loss_matrices(
     alone = sigmoid_pair_loss_difference_(learner.unsqueeze(0).clone())
     torch.testing.assert_close(alone.double(), exact_learner, **tolerance)
     assert both.dtype == dtype
+
+
+@pytest.fixture(params=["native", "torch"])
+def signed_pass(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with the native signed-logits pass (CPU default) and with the torch ops that replace it."""
+    assert native.KERNEL is not None, "the native kernel was not built: setup.py's extension failed"
+    if request.param == "torch":
+        monkeypatch.setattr(native, "KERNEL", None)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pair_loss_difference_matches_the_exact_losses_for_every_finite_logit(
+    dtype: torch.dtype, signed_pass: str
+) -> None:
+    generator = torch.Generator().manual_seed(4)
+    learner = torch.randn(64, 64, generator=generator, dtype=dtype) * 30
+    reference = torch.randn(64, 64, generator=generator, dtype=dtype) * 30
+    learner[0, :5] = torch.tensor([1e4, -1e4, 0.0, -120.0, 200.0], dtype=dtype)  # sigmoid(z·L) far below tiny
+    reference[0, :5] = torch.tensor([-1e4, 1e4, 0.0, 120.0, -90.0], dtype=dtype)
+    learner[5, 5], reference[6, 6], learner[7, 7] = -1e4, 1e4, 3e38 if dtype == torch.float32 else 1e300
+    originals = learner.clone(), reference.clone()
+    exact_learner, exact_reference = sigmoid_pair_losses(learner.double()), sigmoid_pair_losses(reference.double())
+    tolerance = {"rtol": 1e-6, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-10}
+
+    both = sigmoid_pair_loss_difference([learner, reference], dtype)
+    alone = sigmoid_pair_loss_difference([learner], dtype)
+    assert both is not None and alone is not None and both.dtype == alone.dtype == dtype
+    torch.testing.assert_close(both.double(), exact_learner - exact_reference, **tolerance)
+    torch.testing.assert_close(alone.double(), exact_learner, **tolerance)
+    assert torch.equal(learner, originals[0]) and torch.equal(reference, originals[1])
+
+
+@pytest.mark.parametrize(("row", "column"), [(0, 1), (3, 3), (39, 38), (39, 39), (0, 39)])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_pair_loss_difference_reports_non_finite_logits(row: int, column: int, value: float, signed_pass: str) -> None:
+    """Anywhere in the matrix (the kernel's vectorised body, its tail and the diagonal): ``None``, so the caller
+    can name the input; ``sigmoid(+inf) = 1`` would otherwise look harmless."""
+    for dtype in (torch.float32, torch.float64):
+        learner = torch.randn(40, 40, generator=torch.Generator().manual_seed(1), dtype=dtype)
+        reference = torch.randn(40, 40, generator=torch.Generator().manual_seed(2), dtype=dtype)
+        learner[row, column] = value
+        assert sigmoid_pair_loss_difference([learner, reference], dtype) is None, dtype
+        assert sigmoid_pair_loss_difference([reference, learner], dtype) is None, dtype
+        assert sigmoid_pair_loss_difference([learner], dtype) is None, dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_native_and_torch_passes_agree(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The native pass replaces only torch's stack/negate/clamp/abs; results agree to rounding. Inputs in another
+    dtype than the working one (float16 here) or non-contiguous take the torch pass."""
+    generator = torch.Generator().manual_seed(8)
+    learner = (torch.randn(96, 96, generator=generator) * 8).to(dtype)
+    reference = (torch.randn(96, 96, generator=generator) * 8).to(dtype).T
+    working = torch.float64 if dtype == torch.float64 else torch.float32
+    with_kernel = sigmoid_pair_loss_difference([learner, reference], working)
+    contiguous = sigmoid_pair_loss_difference([learner.contiguous(), reference.contiguous()], working)
+    monkeypatch.setattr(native, "KERNEL", None)
+    without_kernel = sigmoid_pair_loss_difference([learner, reference], working)
+    assert with_kernel is not None and without_kernel is not None and contiguous is not None
+    tolerance = {"rtol": 0.0, "atol": 2e-6} if working == torch.float32 else {"rtol": 0.0, "atol": 1e-13}
+    torch.testing.assert_close(with_kernel, without_kernel, **tolerance)
+    torch.testing.assert_close(contiguous, without_kernel, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+def test_native_prelude_writes_magnitudes_and_hinge_of_the_signed_logits(dtype: type) -> None:
+    assert native.KERNEL is not None
+    learner = numpy.array([[1.5, -2.0, 3.0], [4.0, -5.0, 0.5], [-0.25, 7.0, 2.0]], dtype=dtype)
+    reference = numpy.array([[-1.0, 1.0, -3.0], [2.0, 6.0, -0.5], [0.0, -7.0, -2.0]], dtype=dtype)
+    signed_learner = numpy.where(numpy.eye(3, dtype=bool), learner, -learner)  # z·L
+    signed_reference = numpy.where(numpy.eye(3, dtype=bool), reference, -reference)
+    magnitudes, hinge = numpy.empty((2, 3, 3), dtype), numpy.empty((3, 3), dtype)
+    assert native.KERNEL.sigmoid_pair_prelude(learner, reference, magnitudes, hinge) is True
+    numpy.testing.assert_array_equal(magnitudes[0], numpy.abs(signed_learner))
+    numpy.testing.assert_array_equal(magnitudes[1], numpy.abs(signed_reference))
+    numpy.testing.assert_array_equal(hinge, numpy.minimum(signed_reference, 0) - numpy.minimum(signed_learner, 0))
+    alone = numpy.empty((1, 3, 3), dtype)
+    assert native.KERNEL.sigmoid_pair_prelude(learner, None, alone, hinge) is True
+    numpy.testing.assert_array_equal(alone[0], numpy.abs(signed_learner))
+    numpy.testing.assert_array_equal(hinge, -numpy.minimum(signed_learner, 0))
+
+    with pytest.raises(TypeError, match="one dtype"):
+        native.KERNEL.sigmoid_pair_prelude(learner, reference.astype(numpy.float16), magnitudes, hinge)
+    with pytest.raises(ValueError, match="magnitudes"):
+        native.KERNEL.sigmoid_pair_prelude(learner, reference, alone, hinge)
+    with pytest.raises(ValueError, match="shape of first"):
+        native.KERNEL.sigmoid_pair_prelude(learner, reference[:2].copy(), magnitudes, hinge)
+    with pytest.raises(ValueError, match="square"):
+        native.KERNEL.sigmoid_pair_prelude(learner[:2].copy(), None, alone, hinge)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        native.KERNEL.sigmoid_pair_prelude(learner.T, None, alone, hinge)
 
 
 def test_fused_pair_loss_difference_rejects_other_shapes() -> None:

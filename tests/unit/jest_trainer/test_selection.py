@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import math
 
+import numpy
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jest_trainer import native
 from jest_trainer.losses import sigmoid_pair_losses, softmax_batch_loss
 from jest_trainer.selection import (
     METHODS,
+    _chunked_sample,
+    _gumbel_noise,
+    _pairwise_chunk_loop_cpu,
+    _pairwise_chunk_loop_numpy,
+    _PairwiseScorer,
     jest_select,
     jest_select_softmax,
     select_batch,
@@ -449,8 +456,9 @@ def _siglip_like_logits(size: int, seed: int, dtype: torch.dtype = torch.float32
 def test_sigmoid_joint_selection_is_identical_to_the_previous_formulation(
     method: str, size: int, batch_size: int, n_chunks: int, dtype: torch.dtype
 ) -> None:
-    """Same generator, same indices in the same order: the fused S and the one-op-fewer chunk loop change
-    only float rounding of the scores, never which items are drawn (at these shapes and seeds)."""
+    """Same generator, same chunks: the native prelude of S and the native chunk loop change only float rounding
+    of the scores, never which items each chunk draws (at these shapes and seeds); order within a chunk is
+    arbitrary by contract."""
     for seed in range(5):
         learner, reference = _siglip_like_logits(size, 2 * seed, dtype), _siglip_like_logits(size, 2 * seed + 1, dtype)
         learner_in = None if method == "easy_reference" else learner
@@ -458,7 +466,93 @@ def test_sigmoid_joint_selection_is_identical_to_the_previous_formulation(
         ours = select_batch(method, learner_logits=learner_in, reference_logits=reference_in, loss="sigmoid",
                             batch_size=batch_size, n_chunks=n_chunks, generator=_seeded(seed))
         previous = _previous_sigmoid_select(learner_in, reference_in, batch_size, n_chunks, seed)
-        assert torch.equal(ours, previous), (method, seed)
+        assert _chunks(ours.tolist(), n_chunks) == _chunks(previous.tolist(), n_chunks), (method, seed)
+
+
+def test_sigmoid_selection_with_logits_of_hundreds_matches_the_previous_formulation() -> None:
+    """Logits of a few hundred (sigmoid(z·L) far below float32's smallest normal) still draw what the previous
+    formulation draws: the pair-loss difference is exact for every finite logit."""
+    for seed in range(3):
+        learner, reference = 40 * _siglip_like_logits(96, 2 * seed), 40 * _siglip_like_logits(96, 2 * seed + 1)
+        assert float(learner.abs().max()) > 200
+        ours = select_batch("jest", learner_logits=learner, reference_logits=reference, loss="sigmoid",
+                            batch_size=32, n_chunks=8, generator=_seeded(seed))
+        previous = _previous_sigmoid_select(learner, reference, 32, 8, seed)
+        assert _chunks(ours.tolist(), 8) == _chunks(previous.tolist(), 8), seed
+
+
+@pytest.mark.parametrize(
+    ("size", "batch_size", "n_chunks"), [(320, 64, 16), (50, 50, 5), (33, 12, 1), (200, 160, 8), (7, 7, 7)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_numpy_and_torch_chunk_loops_draw_the_same_chunks(size: int, batch_size: int, n_chunks: int,
+                                                                 dtype: torch.dtype) -> None:
+    """CPU selection runs the native kernel (NumPy where it was not built); accelerators run the torch
+    ``_PairwiseScorer`` loop, which cannot run on an accelerator here, so all three are compared on CPU with
+    the same S and the same generator (chunks of 1 to 20 items, the whole super-batch at the end)."""
+    assert native.KERNEL is not None, "the native kernel was not built: setup.py's extension failed"
+    per_chunk = batch_size // n_chunks
+    for seed in range(4):
+        scores = _matrix(size, seed=seed, scale=3.0).to(dtype)
+        noise = _gumbel_noise((n_chunks, size), scores, _seeded(seed))
+        compiled = _pairwise_chunk_loop_cpu(scores, noise, per_chunk)
+        fallback = _pairwise_chunk_loop_numpy(scores.numpy(), noise.numpy(), per_chunk)
+        torch_loop = _chunked_sample(_PairwiseScorer(scores), size, batch_size, n_chunks, scores, _seeded(seed))
+        assert compiled.dtype == fallback.dtype == torch.long and compiled.shape == fallback.shape == (batch_size,)
+        expected = _chunks(torch_loop.tolist(), n_chunks)
+        assert _chunks(compiled.tolist(), n_chunks) == expected, seed
+        assert _chunks(fallback.tolist(), n_chunks) == expected, seed
+
+
+def test_selection_without_the_native_kernel_draws_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An install without a C compiler falls back to the NumPy loop: same select_batch result, chunk by chunk."""
+    learner, reference = _siglip_like_logits(320, 0), _siglip_like_logits(320, 1)
+
+    def select() -> list[list[int]]:
+        indices = select_batch("jest", learner_logits=learner, reference_logits=reference, loss="sigmoid",
+                               batch_size=64, n_chunks=16, generator=_seeded(3))
+        return _chunks(indices.tolist(), 16)
+
+    with_native = select()
+    monkeypatch.setattr(native, "KERNEL", None)
+    assert select() == with_native
+
+
+@pytest.mark.parametrize(
+    ("scores", "noise", "per_chunk", "out", "error", "message"),
+    [
+        (numpy.zeros((4, 4), numpy.float32), numpy.zeros((2, 4), numpy.float64), 2, numpy.zeros(4, numpy.int64),
+         TypeError, "same dtype"),
+        (numpy.zeros((4, 4), numpy.int32), numpy.zeros((2, 4), numpy.int32), 2, numpy.zeros(4, numpy.int64),
+         TypeError, "float32 or float64"),
+        (numpy.zeros((4, 5), numpy.float32), numpy.zeros((2, 5), numpy.float32), 2, numpy.zeros(4, numpy.int64),
+         ValueError, "square"),
+        (numpy.zeros((4, 4), numpy.float32), numpy.zeros((2, 3), numpy.float32), 2, numpy.zeros(4, numpy.int64),
+         ValueError, "noise"),
+        (numpy.zeros((4, 4), numpy.float32), numpy.zeros((2, 4), numpy.float32), 3, numpy.zeros(6, numpy.int64),
+         ValueError, "per_chunk"),
+        (numpy.zeros((4, 4), numpy.float32), numpy.zeros((2, 4), numpy.float32), 0, numpy.zeros(0, numpy.int64),
+         ValueError, "per_chunk"),
+        (numpy.zeros((4, 4), numpy.float32), numpy.zeros((2, 4), numpy.float32), 2, numpy.zeros(3, numpy.int64),
+         ValueError, "out"),
+        (numpy.zeros((4, 4), numpy.float32), numpy.zeros((2, 4), numpy.float32), 2, numpy.zeros(4, numpy.int32),
+         TypeError, "int64"),
+        (numpy.zeros((4, 8), numpy.float32)[:, ::2], numpy.zeros((2, 4), numpy.float32), 2,
+         numpy.zeros(4, numpy.int64), ValueError, "C-contiguous"),
+    ],
+)
+def test_native_kernel_refuses_buffers_it_cannot_read_safely(
+    scores: numpy.ndarray, noise: numpy.ndarray, per_chunk: int, out: numpy.ndarray, error: type, message: str
+) -> None:
+    assert native.KERNEL is not None
+    with pytest.raises(error, match=message):
+        native.KERNEL.pairwise_chunk_loop(scores, noise, per_chunk, out)
+    read_only = numpy.zeros(4, numpy.int64)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="writable"):
+        native.KERNEL.pairwise_chunk_loop(
+            numpy.zeros((4, 4), numpy.float32), numpy.zeros((2, 4), numpy.float32), 2, read_only
+        )
 
 
 def test_selected_indices_drive_an_autograd_forward_and_backward() -> None:
