@@ -177,6 +177,19 @@ def test_installs_the_right_extras(dockerfile: Path) -> None:
     assert extras <= declared, f"{dockerfile}: extras {extras - declared} are not in pyproject.toml"
 
 
+def test_trainer_image_builds_the_native_selection_kernel() -> None:
+    """The kernel is an optional extension (installs without a compiler fall back to NumPy): the trainer image
+    must give its build stage a compiler, copy setup.py, and fail the build if the kernel did not compile."""
+    instructions = parse_dockerfile(REPO_ROOT / "trainer_image/Dockerfile")
+    final_stage = max(instruction.stage for instruction in instructions)
+    build = [instruction for instruction in instructions if instruction.stage < final_stage]
+    runs = " ".join(instruction.arguments for instruction in build if instruction.keyword == "RUN")
+    assert re.search(r"apt-get install[^&]*\bgcc\b", runs), "the build stage needs a C compiler"
+    assert "import jest_trainer._selection_native" in runs
+    copied = {path for instruction in build if instruction.keyword == "COPY" for path in copy_sources(instruction)}
+    assert "setup.py" in copied
+
+
 def test_operator_image_pulls_in_no_torch() -> None:
     requirements = PYPROJECT["project"]["dependencies"] + PYPROJECT["project"]["optional-dependencies"]["operator"]
     names = {re.split(r"[<>=!~\[ ;]", requirement, maxsplit=1)[0].lower() for requirement in requirements}
