@@ -3,8 +3,11 @@
 JEST adds, per step, a learner and a reference forward over the super-batch (measured by the training
 loop) plus the arithmetic timed here: the two ``[B, D] x [D, B]`` logit products, the per-pair
 learnability ``S = M^θ - M^θ*`` (``pair_loss_matrices``: two loss matrices subtracted, the formulation
-training uses; ``pair_score_fused``: the one-pass form ``select_batch`` uses) and the chunked sampling
-(``jest_select``, given S; ``select_batch_jest_sigmoid`` is the whole call the trainer times). The
+training uses; ``pair_score_torch``: the stable few-pass torch form; ``pair_score_native``: the form
+``select_batch`` uses on CPU, whose first pass is the native kernel), the Gumbel noise, the chunk loop
+(``chunk_loop_native`` / ``_numpy`` / ``_torch``: the same draws three ways) and the chunked sampling
+(``jest_select``, given S; ``select_batch_jest_sigmoid`` is the whole call the trainer times, and
+``..._without_native`` the same call on an install without the kernel). The
 headline configuration is the quickstart's per-rank shape, B = 320, b = 64 (filter ratio 0.8), 16
 chunks. Each operation is timed call by call (after a warm-up) and summarised by median and 10th/90th
 percentiles, because the benchmark machine is shared: the load average before and after is recorded with
@@ -27,8 +30,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from jest_trainer.losses import sigmoid_logits, sigmoid_pair_loss_difference_, sigmoid_pair_losses, softmax_logits
-from jest_trainer.selection import jest_select, jest_select_softmax, select_batch
+from jest_trainer import native
+from jest_trainer.losses import (
+    sigmoid_logits,
+    sigmoid_pair_loss_difference,
+    sigmoid_pair_loss_difference_,
+    sigmoid_pair_losses,
+    softmax_logits,
+)
+from jest_trainer.selection import (
+    _chunked_sample,
+    _gumbel_noise,
+    _pairwise_chunk_loop_cpu,
+    _pairwise_chunk_loop_numpy,
+    _PairwiseScorer,
+    jest_select,
+    jest_select_softmax,
+    select_batch,
+)
 from torch.nn import functional
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "selection_arithmetic.json"
@@ -85,15 +104,33 @@ def measure_shape(super_batch: int, batch_size: int, chunks: int, dim: int, repe
         return lambda: select_batch(method, learner_logits=pair[0], reference_logits=pair[1], loss=loss,
                                     batch_size=batch_size, n_chunks=chunks, generator=generator)
 
+    def without_native(function: Callable[[], object]) -> Callable[[], object]:
+        def call() -> object:
+            kernel, native.KERNEL = native.KERNEL, None
+            try:
+                return function()
+            finally:
+                native.KERNEL = kernel
+        return call
+
+    per_chunk = batch_size // chunks
+    noise = _gumbel_noise((chunks, super_batch), scores, generator)
     operations: dict[str, Callable[[], object]] = {
         "logits_matmul_learner_and_reference": lambda: (
             sigmoid_logits(learner_image, learner_text, scale, bias),
             sigmoid_logits(reference_image, reference_text, scale, bias),
         ),
         "pair_loss_matrices": lambda: sigmoid_pair_losses(learner) - sigmoid_pair_losses(reference),
-        "pair_score_fused": lambda: sigmoid_pair_loss_difference_(torch.stack([learner, reference])),
+        "pair_score_torch": lambda: sigmoid_pair_loss_difference_(torch.stack([learner, reference])),
+        "pair_score_native": lambda: sigmoid_pair_loss_difference([learner, reference], torch.float32),
+        "gumbel_noise": lambda: _gumbel_noise((chunks, super_batch), scores, generator),
+        "chunk_loop_torch": lambda: _chunked_sample(_PairwiseScorer(scores), super_batch, batch_size, chunks,
+                                                    scores, generator),
+        "chunk_loop_numpy": lambda: _pairwise_chunk_loop_numpy(scores.numpy(), noise.numpy(), per_chunk),
+        "chunk_loop_native": lambda: _pairwise_chunk_loop_cpu(scores, noise, per_chunk),
         "jest_select": lambda: jest_select(scores, batch_size, chunks, generator),
         "select_batch_jest_sigmoid": dispatch("jest", "sigmoid"),
+        "select_batch_jest_sigmoid_without_native": without_native(dispatch("jest", "sigmoid")),
         "jest_select_softmax": lambda: jest_select_softmax(learner_soft, reference_soft, batch_size, chunks,
                                                            generator),
         "select_batch_learnability_topk_sigmoid": dispatch("learnability_topk", "sigmoid"),
@@ -127,7 +164,8 @@ def plot(result: dict, png: Path) -> None:
     bars.invert_yaxis()
 
     for name, colour in (("jest_select", "#4c72b0"), ("jest_select_softmax", "#dd8452"),
-                         ("pair_loss_matrices", "#55a868"), ("pair_score_fused", "#8172b3")):
+                         ("pair_loss_matrices", "#55a868"), ("pair_score_native", "#8172b3"),
+                         ("chunk_loop_numpy", "#c44e52")):
         points = [(row["config"]["superBatch"], row["timings"][name]["median_us"]) for row in result["sweep"]]
         sweep.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=colour, label=name)
     sweep.set_xscale("log")
