@@ -65,4 +65,4 @@ bench-arithmetic: $(STAMP)
 	$(PY) bench/selection_arithmetic.py
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache
+	rm -rf $(VENV) .demo .pytest_cache build trainer_image/jest_trainer/*.so

@@ -2,7 +2,7 @@
 
 Everything else about the distribution lives in ``pyproject.toml``. The extension is ``optional``: where no
 C compiler is available the install still succeeds and ``jest_trainer.selection`` runs the same loop in
-NumPy (slower per step, identical draws).
+NumPy (slower per step; the same draws up to float rounding in near-ties).
 """
 
 from setuptools import Extension, setup

@@ -6,25 +6,27 @@
  * through torch; the same loop here is one call of ~30 us, which is what keeps the selection arithmetic a
  * small share of a training step. The semantics are exactly those of the NumPy and torch loops in
  * selection.py, which stay as the fallback (no compiler at install) and the accelerator path; tests check
- * that all three draw the same chunks.
+ * that all three draw the same chunks (up to float rounding in near-ties and the choice among exact ties).
  *
  * pairwise_chunk_loop(scores, noise, per_chunk, out):
  *   scores  C-contiguous [B, B] float32 or float64, finite (the caller validates);
  *   noise   C-contiguous [n, B], same dtype: one row of Gumbel noise per chunk;
  *   out     C-contiguous writable [n * per_chunk] int64, filled chunk by chunk in selection order.
- * Chunk t is the per_chunk largest of c + noise[t], with c(k|A) = S_kk + sum_{j in A} (S_jk + S_kj) and the
- * already selected items at -inf. Order within a chunk is unspecified (as with topk(sorted=False)).
+ * Chunk t is the per_chunk largest of c + noise[t] among the items not yet selected, with
+ * c(k|A) = S_kk + sum_{j in A} (S_jk + S_kj). Order within a chunk is unspecified (as with
+ * topk(sorted=False)); on exact ties the lower index wins (NumPy and torch may pick either).
  *
- * sigmoid_pair_prelude(first, second, magnitudes, hinge) -> bool: the one pass over B^2 logits that the pair-loss
- * difference needs before its sigmoid and log (losses.sigmoid_pair_loss_difference). With a = z*L (z = +1 on
+ * sigmoid_pair_prelude(first, second, magnitudes, hinge, limit) -> bool: the one pass over B^2 logits that the
+ * pair-loss difference needs before its sigmoid and log (losses.sigmoid_pair_loss_difference). With a = z*L (z = +1 on
  * the positives, the diagonal; -1 elsewhere) each pair loss is softplus(-a) = -min(a, 0) - log sigmoid(|a|),
  * so S = M^first - M^second = [min(b, 0) - min(a, 0)] + log(sigmoid(|b|) / sigmoid(|a|)): exact for every
  * finite logit (the ratio lies in [1/2, 2]). One vectorised pass instead of torch's stack / negate-diagonal /
- * clamp / abs, plus the finiteness check.
+ * clamp / abs, plus the check that every |logit| <= limit (False otherwise, and for NaN or inf).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -32,15 +34,20 @@
 
 #define DEFINE_CHUNK_LOOP(NAME, T)                                                                            \
     static void NAME(const T *scores, Py_ssize_t size, const T *noise, Py_ssize_t chunks, Py_ssize_t per_chunk,  \
-                     int64_t *out, T *conditional, T *heap_value) {                                          \
-        for (Py_ssize_t i = 0; i < size; i++) conditional[i] = scores[i * size + i];                           \
+                     int64_t *out, T *conditional, T *heap_value, unsigned char *taken) {                    \
+        for (Py_ssize_t i = 0; i < size; i++) {                                                               \
+            conditional[i] = scores[i * size + i];                                                            \
+            taken[i] = 0;                                                                                     \
+        }                                                                                                     \
         for (Py_ssize_t chunk = 0; chunk < chunks; chunk++) {                                                 \
             const T *gumbel = noise + chunk * size;                                                           \
             int64_t *chosen = out + chunk * per_chunk;                                                        \
             /* the per_chunk largest of c + noise: a min-heap of the best so far, root = the smallest */      \
             Py_ssize_t filled = 0;                                                                            \
             for (Py_ssize_t i = 0; i < size; i++) {                                                           \
-                T value = conditional[i] + gumbel[i];                                                         \
+                if (taken[i]) continue; /* selected items are skipped, not just scored -inf: unique even */  \
+                T value = conditional[i] + gumbel[i]; /* if a sum overflowed, and a NaN ranks lowest */       \
+                if (value != value) value = (T)(-INFINITY);                                                   \
                 Py_ssize_t slot;                                                                              \
                 if (filled < per_chunk) {                                                                     \
                     slot = filled++;                                                                          \
@@ -85,7 +92,7 @@
                 for (Py_ssize_t j = 1; j < per_chunk; j++) total += row[chosen[j]];                           \
                 conditional[k] += total;                                                                      \
             }                                                                                                 \
-            for (Py_ssize_t j = 0; j < per_chunk; j++) conditional[chosen[j]] = (T)(-INFINITY);               \
+            for (Py_ssize_t j = 0; j < per_chunk; j++) taken[chosen[j]] = 1;                                  \
         }                                                                                                     \
     }
 
@@ -94,33 +101,34 @@ DEFINE_CHUNK_LOOP(chunk_loop_float64, double)
 
 /* One row segment of the prelude, all of it with the same sign z (the diagonal is a segment of one): a = z*L
  * (and b = z*L* for two models) -> |a|, |b| and the hinge min(b, 0) - min(a, 0) (or -min(a, 0) for one model).
- * Returns nonzero if any logit is NaN or infinite ((a - a) is 0 exactly for finite a). Written without branches
- * so that gcc -O3 vectorises it; no -ffast-math, so the NaN test stays exact. */
+ * Returns nonzero if any |logit| exceeds `limit` or is NaN (NaN fails `<=`; inf exceeds any finite limit).
+ * Written without branches so that gcc -O3 vectorises it; no -ffast-math, so the NaN test stays exact. */
 #define DEFINE_PRELUDE_SEGMENT(NAME, T, ABS, FLAG)                                                            \
     __attribute__((noinline)) static int NAME(const T *restrict first, const T *restrict second,             \
                                               T *restrict first_magnitude, T *restrict second_magnitude,      \
-                                              T *restrict hinge, Py_ssize_t n, T sign) {                      \
+                                              T *restrict hinge, Py_ssize_t n, T sign, T limit) {             \
         FLAG bad = 0; /* as wide as T, so the mask of each comparison vectorises */                           \
         if (second == NULL) {                                                                                 \
             for (Py_ssize_t j = 0; j < n; j++) {                                                              \
                 T a = sign * first[j];                                                                        \
-                first_magnitude[j] = ABS(a);                                                                  \
+                T magnitude = ABS(a);                                                                         \
+                first_magnitude[j] = magnitude;                                                               \
                 T negative_part = a < 0 ? a : (T)0;                                                           \
                 hinge[j] = -negative_part;                                                                    \
-                T check = a - a;                                                                              \
-                bad |= !(check == (T)0);                                                                      \
+                bad |= !(magnitude <= limit);                                                                 \
             }                                                                                                 \
             return bad != 0;                                                                                  \
         }                                                                                                     \
         for (Py_ssize_t j = 0; j < n; j++) {                                                                  \
             T a = sign * first[j], b = sign * second[j];                                                      \
-            first_magnitude[j] = ABS(a);                                                                      \
-            second_magnitude[j] = ABS(b);                                                                     \
+            T first_size = ABS(a), second_size = ABS(b);                                                      \
+            first_magnitude[j] = first_size;                                                                  \
+            second_magnitude[j] = second_size;                                                                \
             T first_negative = a < 0 ? a : (T)0;                                                              \
             T second_negative = b < 0 ? b : (T)0;                                                             \
             hinge[j] = second_negative - first_negative;                                                      \
-            T check = (a - a) + (b - b);                                                                      \
-            bad |= !(check == (T)0);                                                                          \
+            bad |= !(first_size <= limit);                                                                    \
+            bad |= !(second_size <= limit);                                                                   \
         }                                                                                                     \
         return bad != 0;                                                                                      \
     }
@@ -128,7 +136,7 @@ DEFINE_CHUNK_LOOP(chunk_loop_float64, double)
 #define OFFSET(pointer, offset) ((pointer) ? (pointer) + (offset) : NULL)
 
 #define DEFINE_PRELUDE(NAME, SEGMENT, T)                                                                      \
-    static int NAME(const T *first, const T *second, Py_ssize_t size, T *magnitudes, T *hinge) {              \
+    static int NAME(const T *first, const T *second, Py_ssize_t size, T *magnitudes, T *hinge, T limit) {     \
         int bad = 0;                                                                                          \
         T *second_magnitudes = second ? magnitudes + size * size : NULL;                                      \
         for (Py_ssize_t i = 0; i < size; i++) {                                                               \
@@ -138,7 +146,7 @@ DEFINE_CHUNK_LOOP(chunk_loop_float64, double)
             for (int part = 0; part < 3; part++) {                                                            \
                 Py_ssize_t at = starts[part];                                                                 \
                 bad |= SEGMENT(first + at, OFFSET(second, at), magnitudes + at, OFFSET(second_magnitudes, at), \
-                               hinge + at, lengths[part], part == 1 ? (T)1 : (T)-1);                           \
+                               hinge + at, lengths[part], part == 1 ? (T)1 : (T)-1, limit);                    \
             }                                                                                                 \
         }                                                                                                     \
         return !bad;                                                                                          \
@@ -151,17 +159,24 @@ DEFINE_PRELUDE(sigmoid_pair_prelude_float64, prelude_segment_float64, double)
 
 static int get_buffer(PyObject *object, Py_buffer *view, int writable, const char *name) {
     int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
-    if (PyObject_GetBuffer(object, view, flags) != 0) {
-        PyErr_Format(PyExc_ValueError, "%s: expected a C-contiguous%s array", name, writable ? " writable" : "");
-        return -1;
-    }
-    return 0;
+    if (PyObject_GetBuffer(object, view, flags) == 0) return 0;
+    PyObject *type, *value, *traceback; /* name the argument, keep the reason the buffer was refused */
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    PyErr_Format(PyExc_ValueError, "%s: expected a C-contiguous%s array (%S)", name, writable ? " writable" : "",
+                 value ? value : Py_None);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+    return -1;
 }
 
+/* The one-letter struct code of a native-byte-order buffer ('?' for anything else). */
 static char format_code(const Py_buffer *view) {
     const char *format = view->format ? view->format : "B";
-    if (format[0] == '<' || format[0] == '=' || format[0] == '@') format++;
-    return format[1] == '\0' ? format[0] : '?';
+    const char native_order = PY_LITTLE_ENDIAN ? '<' : '>';
+    if (format[0] == native_order || format[0] == '=' || format[0] == '@') format++;
+    return format[0] != '\0' && format[1] == '\0' ? format[0] : '?';
 }
 
 static PyObject *pairwise_chunk_loop(PyObject *self, PyObject *args) {
@@ -196,7 +211,7 @@ static PyObject *pairwise_chunk_loop(PyObject *self, PyObject *args) {
         goto done;
     }
     Py_ssize_t chunks = noise.shape[0];
-    if (per_chunk < 1 || chunks * per_chunk > size) {
+    if (per_chunk < 1 || per_chunk > size || chunks > size / per_chunk) { /* no product that could overflow */
         PyErr_SetString(PyExc_ValueError, "per_chunk: expected 1 <= per_chunk and n_chunks * per_chunk <= B");
         goto done;
     }
@@ -205,7 +220,7 @@ static PyObject *pairwise_chunk_loop(PyObject *self, PyObject *args) {
         goto done;
     }
 
-    workspace = malloc((size_t)(size + per_chunk) * (size_t)scores.itemsize);
+    workspace = malloc((size_t)(size + per_chunk) * (size_t)scores.itemsize + (size_t)size);
     if (workspace == NULL) {
         PyErr_NoMemory();
         goto done;
@@ -214,11 +229,13 @@ static PyObject *pairwise_chunk_loop(PyObject *self, PyObject *args) {
     if (code == 'f') {
         float *conditional = (float *)workspace;
         chunk_loop_float32((const float *)scores.buf, size, (const float *)noise.buf, chunks, per_chunk,
-                           (int64_t *)out.buf, conditional, conditional + size);
+                           (int64_t *)out.buf, conditional, conditional + size,
+                           (unsigned char *)(conditional + size + per_chunk));
     } else {
         double *conditional = (double *)workspace;
         chunk_loop_float64((const double *)scores.buf, size, (const double *)noise.buf, chunks, per_chunk,
-                           (int64_t *)out.buf, conditional, conditional + size);
+                           (int64_t *)out.buf, conditional, conditional + size,
+                           (unsigned char *)(conditional + size + per_chunk));
     }
     Py_END_ALLOW_THREADS
     result = Py_None;
@@ -235,7 +252,9 @@ done:
 static PyObject *sigmoid_pair_prelude(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *first_object, *second_object, *magnitudes_object, *hinge_object;
-    if (!PyArg_ParseTuple(args, "OOOO", &first_object, &second_object, &magnitudes_object, &hinge_object)) {
+    double limit;
+    if (!PyArg_ParseTuple(args, "OOOOd", &first_object, &second_object, &magnitudes_object, &hinge_object,
+                          &limit)) {
         return NULL;
     }
     int models = second_object == Py_None ? 1 : 2;
@@ -270,17 +289,18 @@ static PyObject *sigmoid_pair_prelude(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "hinge: expected the shape of first");
         goto done;
     }
-    int finite;
+    int bounded;
     Py_BEGIN_ALLOW_THREADS
     if (code == 'f') {
-        finite = sigmoid_pair_prelude_float32((const float *)first.buf, (const float *)second.buf, size,
-                                              (float *)magnitudes.buf, (float *)hinge.buf);
+        float single_limit = limit < FLT_MAX ? (float)limit : FLT_MAX;
+        bounded = sigmoid_pair_prelude_float32((const float *)first.buf, (const float *)second.buf, size,
+                                               (float *)magnitudes.buf, (float *)hinge.buf, single_limit);
     } else {
-        finite = sigmoid_pair_prelude_float64((const double *)first.buf, (const double *)second.buf, size,
-                                              (double *)magnitudes.buf, (double *)hinge.buf);
+        bounded = sigmoid_pair_prelude_float64((const double *)first.buf, (const double *)second.buf, size,
+                                               (double *)magnitudes.buf, (double *)hinge.buf, limit);
     }
     Py_END_ALLOW_THREADS
-    result = PyBool_FromLong(finite);
+    result = PyBool_FromLong(bounded);
 
 done:
     if (hinge.obj) PyBuffer_Release(&hinge);
@@ -292,9 +312,9 @@ done:
 
 static PyMethodDef methods[] = {
     {"sigmoid_pair_prelude", sigmoid_pair_prelude, METH_VARARGS,
-     "sigmoid_pair_prelude(first, second, magnitudes, hinge) -> bool: with a = z*first, b = z*second (z = +1\n"
-     "on the diagonal, -1 elsewhere) writes |a|, |b| into magnitudes and min(b, 0) - min(a, 0) into hinge (second\n"
-     "None: |a| and -min(a, 0)); False if any logit is NaN or infinite."},
+     "sigmoid_pair_prelude(first, second, magnitudes, hinge, limit) -> bool: with a = z*first, b = z*second\n"
+     "(z = +1 on the diagonal, -1 elsewhere) writes |a|, |b| into magnitudes and min(b, 0) - min(a, 0) into\n"
+     "hinge (second None: |a| and -min(a, 0)); False if any |logit| exceeds limit or is NaN."},
     {"pairwise_chunk_loop", pairwise_chunk_loop, METH_VARARGS,
      "pairwise_chunk_loop(scores, noise, per_chunk, out): JEST's chunked Gumbel top-k from a pairwise score\n"
      "matrix, written into out chunk by chunk (see jest_trainer.selection)."},
@@ -302,9 +322,12 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "jest_trainer._selection_native",
-    "Native CPU kernel of JEST's chunked joint sampling (optional; selection.py falls back to NumPy).", -1,
-    methods,
+    PyModuleDef_HEAD_INIT,
+    .m_name = "jest_trainer._selection_native",
+    .m_doc = "Native CPU kernels of JEST's selection (optional; selection.py and losses.py fall back to "
+             "NumPy/torch).",
+    .m_size = -1,
+    .m_methods = methods,
 };
 
 PyMODINIT_FUNC PyInit__selection_native(void) { return PyModule_Create(&module); }

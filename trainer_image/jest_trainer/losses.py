@@ -25,7 +25,6 @@ the single-process gradient, which is exactly what DDP's mean all-reduce compute
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -125,32 +124,45 @@ def sigmoid_pair_loss_difference_(stacked: Tensor) -> Tensor:
     return log_no_grad_(reference.div_(learner)).add_(learner_hinge).sub_(reference_hinge)
 
 
+def logit_magnitude_limit(dtype: torch.dtype, size: int) -> float:
+    """Largest |logit| the pair-loss difference accepts for a ``[size, size]`` super-batch in ``dtype``.
+
+    Each pair score is at most ``|L^θ| + |L^θ*| + log 2`` in magnitude and JEST's conditional scores sum at
+    most ``2B + 1`` of them, so below ``max / (4B + 4)`` none of those sums can overflow (~2.6e35 in float32 at
+    B = 320: far above any real logit, whose scale is bounded by the learned temperature).
+    """
+    return torch.finfo(dtype).max / (4 * size + 4)
+
+
 def sigmoid_pair_loss_difference(logits: Sequence[Tensor], dtype: torch.dtype) -> Tensor | None:
     """``M^0 - M^1`` (or ``M^0`` for one matrix) of one or two ``[B, B]`` logit matrices, as a new tensor in
-    ``dtype``; ``None`` if any logit is NaN or infinite (the caller names the bad input). Inputs are left
-    untouched; no gradient (selection).
+    ``dtype``; ``None`` if any logit is NaN, infinite or beyond :func:`logit_magnitude_limit` (the caller names
+    the bad input). Inputs are left untouched; no gradient (selection).
 
     The same stable form as :func:`sigmoid_pair_loss_difference_`, exact for every finite logit: with
     ``a = z·L``, ``M = -min(a, 0) - log sigmoid(|a|)``, so ``M^0 - M^1 = [min(a¹, 0) - min(a⁰, 0)] +
     log(sigmoid(|a¹|) / sigmoid(|a⁰|))`` with the ratio in [1/2, 2]. On CPU the pass before the sigmoid
-    (``|a|``, the hinge and the finiteness check) is one vectorised pass of the native kernel
-    (:mod:`jest_trainer.native`) instead of torch's stack, negate-diagonal, clamp, abs and sum; elsewhere,
-    or without the kernel, or for inputs that are not contiguous ``dtype`` tensors, it is the torch form.
+    (``|a|``, the hinge and the bound check) is one vectorised pass of the native kernel
+    (:mod:`jest_trainer.native`) instead of torch's stack, negate-diagonal, clamp, abs and bound check;
+    elsewhere, without the kernel, or for inputs that are not contiguous CPU ``dtype`` tensors, it is the
+    torch form. Both give S to float rounding (the order of operations differs).
     """
+    size = logits[0].shape[0]
+    limit = logit_magnitude_limit(dtype, size)
     kernel = native.KERNEL
-    if kernel is None or logits[0].device.type != "cpu" or any(
-        matrix.dtype != dtype or not matrix.is_contiguous() for matrix in logits
+    if kernel is None or any(
+        matrix.device.type != "cpu" or matrix.dtype != dtype or not matrix.is_contiguous() or matrix.is_neg()
+        for matrix in logits
     ):
         stacked = torch.stack([matrix.detach().to(dtype) for matrix in logits])
-        if not math.isfinite(float(stacked.sum())):
+        if not float(stacked.abs().amax()) <= limit:
             return None
         return sigmoid_pair_loss_difference_(stacked)
-    size = logits[0].shape[0]
     magnitudes = torch.empty((len(logits), size, size), dtype=dtype)
     hinge = torch.empty((size, size), dtype=dtype)
     arrays = [matrix.detach().numpy() for matrix in logits]
     second = arrays[1] if len(arrays) == 2 else None
-    if not kernel.sigmoid_pair_prelude(arrays[0], second, magnitudes.numpy(), hinge.numpy()):
+    if not kernel.sigmoid_pair_prelude(arrays[0], second, magnitudes.numpy(), hinge.numpy(), limit):
         return None
     sigmoids = magnitudes.sigmoid_()
     if second is None:

@@ -13,7 +13,7 @@ selected items are masked to ``-inf``.
   so ``c(k|A) = S_kk + Σ_{j∈A} S_kj + Σ_{j∈A} S_jk``, kept incrementally with ``index_select`` of the new
   chunk's rows and columns (O(B·k) per chunk). On CPU that loop is dispatch-bound at JEST's shapes, so it
   runs in a small compiled kernel (``_selection_native.c``, built by ``setup.py``; NumPy where it was not
-  built); accelerators run it in torch. All draw the same chunks.
+  built); accelerators run it in torch. All draw the same chunks up to float rounding in near-ties.
 * Softmax loss: the CLIP loss does not decompose into pairs; :func:`softmax_incremental_cost` is the exact
   change of the *summed* CLIP loss ``Lsum(A) = Σ_{i∈A} CE_row_i + Σ_{j∈A} CE_col_j = 2|A|·softmax_batch_loss``
   when ``k`` joins ``A``: its own positive, the log-sum-exp of its row and column over ``A+{k}``, and the
@@ -41,6 +41,7 @@ from jest_trainer import native
 from jest_trainer.config import SELECTION_METHODS
 from jest_trainer.losses import (
     LOSS_KINDS,
+    logit_magnitude_limit,
     sigmoid_pair_loss_difference,
     softplus_no_grad,
 )
@@ -64,21 +65,29 @@ def _validate_square(name: str, matrix: Tensor) -> None:
         raise ValueError(f"{name}: the super-batch is empty")
 
 
-def _non_finite_error(named: list[tuple[str, Tensor]]) -> ValueError:
-    """The error for logits found non-finite (or too large to sum), naming the matrices that are."""
-    culprits = [name for name, logits in named if not math.isfinite(float(logits.detach().double().sum()))]
-    names = ", ".join(culprits or [name for name, _ in named])
-    return ValueError(f"{names}: contains NaN or infinite values (or values too large to sum)")
+def _score_limit(matrix: Tensor) -> float:
+    """Largest |entry| a score or logit matrix may hold: each conditional score sums at most ``2B + 1`` of
+    them, so below ``max / (2B + 2)`` of the working dtype no such sum can overflow (~5e35 in float32 at
+    B = 320, far above any real score; beyond it a NaN could reach the top-k)."""
+    return torch.finfo(_working_dtype(matrix)).max / (2 * matrix.shape[0] + 2)
 
 
-def _require_finite(name: str, total: float) -> None:
-    if not math.isfinite(total):
-        raise ValueError(f"{name}: contains NaN or infinite values (or values too large to sum)")
+def _is_bounded(matrix: Tensor, limit: float) -> bool:
+    """Every entry finite and at most ``limit`` in magnitude (NaN fails the comparison)."""
+    return float(matrix.detach().abs().amax()) <= limit
+
+
+def _unbounded_error(names: list[str], limit: float) -> ValueError:
+    return ValueError(
+        f"{', '.join(names)}: contains NaN or infinite values, or values too large to sum (|x| > {limit:.3g})"
+    )
 
 
 def _validate_scores(name: str, matrix: Tensor) -> None:
     _validate_square(name, matrix)
-    _require_finite(name, float(matrix.sum()))
+    limit = _score_limit(matrix)
+    if not _is_bounded(matrix, limit):
+        raise _unbounded_error([name], limit)
 
 
 def _validate_sizes(super_batch: int, batch_size: int, n_chunks: int | None) -> None:
@@ -132,7 +141,7 @@ def _chunked_sample(
 def _pairwise_sample(
     scores: Tensor, batch_size: int, n_chunks: int, generator: torch.Generator | None
 ) -> Tensor:
-    """Chunked sampling from a pairwise score matrix ``S``: the CPU loop on CPU, torch's elsewhere (same draws)."""
+    """Chunked sampling from a pairwise score matrix ``S``: the CPU loop on CPU, torch's elsewhere."""
     if scores.device.type != "cpu":
         return _chunked_sample(_PairwiseScorer(scores), scores.shape[0], batch_size, n_chunks, scores, generator)
     noise = _gumbel_noise((n_chunks, scores.shape[0]), scores, generator)
@@ -144,7 +153,8 @@ def _pairwise_chunk_loop_cpu(scores: Tensor, noise: Tensor, per_chunk: int) -> T
 
     At JEST's shapes (B in the hundreds, chunks of a few items) the loop is bound by per-call overhead, not
     arithmetic: 16 chunks at B = 320 take ~30 µs in the native kernel (one call), ~190 µs in NumPy (11 calls
-    a chunk) and more in torch's eager dispatch. All three draw the same chunks.
+    a chunk) and more in torch's eager dispatch. All three draw the same chunks, up to float rounding in
+    near-ties (they add rows and columns in different orders) and the pick among exact ties.
     """
     matrix = numpy.ascontiguousarray(scores.numpy())
     gumbel = numpy.ascontiguousarray(noise.numpy())
@@ -363,14 +373,18 @@ def _sigmoid_pair_scores(learner: Tensor | None, reference: Tensor | None) -> Te
     """S = M^θ - M^θ* (``jest``), M^θ (``hard_learner``) or -M^θ* (``easy_reference``), validated finite.
 
     Computed by :func:`~jest_trainer.losses.sigmoid_pair_loss_difference` in float32 (float64 if any input
-    is), which also reports NaN/inf logits; those raise here, naming the matrix.
+    is), which also reports logits that are NaN, infinite or beyond
+    :func:`~jest_trainer.losses.logit_magnitude_limit`; those raise here, naming the matrix.
     """
     named = [(name, logits) for name, logits in (("learner_logits", learner), ("reference_logits", reference))
              if logits is not None]
     dtype = torch.float64 if any(_working_dtype(logits) == torch.float64 for _, logits in named) else torch.float32
+    size = named[0][1].shape[0]
     scores = sigmoid_pair_loss_difference([logits for _, logits in named], dtype)
-    if scores is None:
-        raise _non_finite_error(named)
+    if scores is None:  # a logit was NaN, infinite or beyond the limit: name the matrix
+        limit = logit_magnitude_limit(dtype, size)
+        culprits = [name for name, logits in named if not _is_bounded(logits, limit)]
+        raise _unbounded_error(culprits or [name for name, _ in named], limit)
     return scores.neg_() if learner is None else scores
 
 

@@ -11,6 +11,7 @@ from jest_trainer import native
 from jest_trainer.losses import (
     contrastive_loss,
     log_no_grad_,
+    logit_magnitude_limit,
     sigmoid_batch_loss,
     sigmoid_logits,
     sigmoid_pair_loss_difference,
@@ -107,7 +108,7 @@ def test_pair_loss_difference_matches_the_exact_losses_for_every_finite_logit(
     reference = torch.randn(64, 64, generator=generator, dtype=dtype) * 30
     learner[0, :5] = torch.tensor([1e4, -1e4, 0.0, -120.0, 200.0], dtype=dtype)  # sigmoid(z·L) far below tiny
     reference[0, :5] = torch.tensor([-1e4, 1e4, 0.0, 120.0, -90.0], dtype=dtype)
-    learner[5, 5], reference[6, 6], learner[7, 7] = -1e4, 1e4, 3e38 if dtype == torch.float32 else 1e300
+    learner[5, 5], reference[6, 6], learner[7, 7] = -1e4, 1e4, 1e35 if dtype == torch.float32 else 1e300
     originals = learner.clone(), reference.clone()
     exact_learner, exact_reference = sigmoid_pair_losses(learner.double()), sigmoid_pair_losses(reference.double())
     tolerance = {"rtol": 1e-6, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-10}
@@ -121,13 +122,22 @@ def test_pair_loss_difference_matches_the_exact_losses_for_every_finite_logit(
 
 
 @pytest.mark.parametrize(("row", "column"), [(0, 1), (3, 3), (39, 38), (39, 39), (0, 39)])
-@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
-def test_pair_loss_difference_reports_non_finite_logits(row: int, column: int, value: float, signed_pass: str) -> None:
-    """Anywhere in the matrix (the kernel's vectorised body, its tail and the diagonal): ``None``, so the caller
-    can name the input; ``sigmoid(+inf) = 1`` would otherwise look harmless."""
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, 1.01, -1.01])
+def test_pair_loss_difference_reports_unusable_logits(
+    row: int, column: int, value: float, signed_pass: str
+) -> None:
+    """NaN, ±inf, or beyond the limit (finite ``value``s are multiples of it) anywhere in the matrix: the
+    kernel's vectorised body, its tail and the diagonal. ``None`` lets the caller name the input;
+    ``sigmoid(+inf) = 1`` would otherwise look harmless, and logits beyond the limit could overflow JEST's
+    conditional sums into NaN. Just inside the limit is accepted."""
     for dtype in (torch.float32, torch.float64):
         learner = torch.randn(40, 40, generator=torch.Generator().manual_seed(1), dtype=dtype)
         reference = torch.randn(40, 40, generator=torch.Generator().manual_seed(2), dtype=dtype)
+        limit = logit_magnitude_limit(dtype, 40)
+        if math.isfinite(value):
+            learner[row, column] = 0.99 * math.copysign(limit, value)
+            assert sigmoid_pair_loss_difference([learner, reference], dtype) is not None, dtype
+            value *= limit
         learner[row, column] = value
         assert sigmoid_pair_loss_difference([learner, reference], dtype) is None, dtype
         assert sigmoid_pair_loss_difference([reference, learner], dtype) is None, dtype
@@ -160,25 +170,27 @@ def test_native_prelude_writes_magnitudes_and_hinge_of_the_signed_logits(dtype: 
     signed_learner = numpy.where(numpy.eye(3, dtype=bool), learner, -learner)  # z·L
     signed_reference = numpy.where(numpy.eye(3, dtype=bool), reference, -reference)
     magnitudes, hinge = numpy.empty((2, 3, 3), dtype), numpy.empty((3, 3), dtype)
-    assert native.KERNEL.sigmoid_pair_prelude(learner, reference, magnitudes, hinge) is True
+    assert native.KERNEL.sigmoid_pair_prelude(learner, reference, magnitudes, hinge, 7.0) is True
     numpy.testing.assert_array_equal(magnitudes[0], numpy.abs(signed_learner))
     numpy.testing.assert_array_equal(magnitudes[1], numpy.abs(signed_reference))
     numpy.testing.assert_array_equal(hinge, numpy.minimum(signed_reference, 0) - numpy.minimum(signed_learner, 0))
     alone = numpy.empty((1, 3, 3), dtype)
-    assert native.KERNEL.sigmoid_pair_prelude(learner, None, alone, hinge) is True
+    assert native.KERNEL.sigmoid_pair_prelude(learner, None, alone, hinge, 7.0) is True
     numpy.testing.assert_array_equal(alone[0], numpy.abs(signed_learner))
     numpy.testing.assert_array_equal(hinge, -numpy.minimum(signed_learner, 0))
+    assert native.KERNEL.sigmoid_pair_prelude(learner, reference, magnitudes, hinge, 6.9) is False  # |7| at (2, 1)
+    assert native.KERNEL.sigmoid_pair_prelude(reference, None, alone, hinge, 6.9) is False  # |-7| at (2, 1)
 
     with pytest.raises(TypeError, match="one dtype"):
-        native.KERNEL.sigmoid_pair_prelude(learner, reference.astype(numpy.float16), magnitudes, hinge)
+        native.KERNEL.sigmoid_pair_prelude(learner, reference.astype(numpy.float16), magnitudes, hinge, 1.0)
     with pytest.raises(ValueError, match="magnitudes"):
-        native.KERNEL.sigmoid_pair_prelude(learner, reference, alone, hinge)
+        native.KERNEL.sigmoid_pair_prelude(learner, reference, alone, hinge, 1.0)
     with pytest.raises(ValueError, match="shape of first"):
-        native.KERNEL.sigmoid_pair_prelude(learner, reference[:2].copy(), magnitudes, hinge)
+        native.KERNEL.sigmoid_pair_prelude(learner, reference[:2].copy(), magnitudes, hinge, 1.0)
     with pytest.raises(ValueError, match="square"):
-        native.KERNEL.sigmoid_pair_prelude(learner[:2].copy(), None, alone, hinge)
+        native.KERNEL.sigmoid_pair_prelude(learner[:2].copy(), None, alone, hinge, 1.0)
     with pytest.raises(ValueError, match="C-contiguous"):
-        native.KERNEL.sigmoid_pair_prelude(learner.T, None, alone, hinge)
+        native.KERNEL.sigmoid_pair_prelude(learner.T, None, alone, hinge, 1.0)
 
 
 def test_fused_pair_loss_difference_rejects_other_shapes() -> None:

@@ -538,11 +538,18 @@ def test_selection_without_the_native_kernel_draws_the_same(monkeypatch: pytest.
         (numpy.zeros((4, 4), numpy.float32), numpy.zeros((2, 4), numpy.float32), 2, numpy.zeros(4, numpy.int32),
          TypeError, "int64"),
         (numpy.zeros((4, 8), numpy.float32)[:, ::2], numpy.zeros((2, 4), numpy.float32), 2,
-         numpy.zeros(4, numpy.int64), ValueError, "C-contiguous"),
+         numpy.zeros(4, numpy.int64), ValueError, "scores: expected a C-contiguous array"),
+        ([[0.0] * 4] * 4, numpy.zeros((2, 4), numpy.float32), 2, numpy.zeros(4, numpy.int64), ValueError,
+         r"scores: expected a C-contiguous array \(.*list"),
+        (numpy.zeros((4, 4), ">f4"), numpy.zeros((2, 4), ">f4"), 2, numpy.zeros(4, numpy.int64), TypeError,
+         "float32 or float64"),
+        # chunks * per_chunk wraps around in 64 bits; the check must not multiply
+        (numpy.zeros((64, 64), numpy.float32), numpy.zeros((4, 64), numpy.float32), 2**62 + 1,
+         numpy.zeros(4, numpy.int64), ValueError, "per_chunk"),
     ],
 )
 def test_native_kernel_refuses_buffers_it_cannot_read_safely(
-    scores: numpy.ndarray, noise: numpy.ndarray, per_chunk: int, out: numpy.ndarray, error: type, message: str
+    scores: object, noise: numpy.ndarray, per_chunk: int, out: numpy.ndarray, error: type, message: str
 ) -> None:
     assert native.KERNEL is not None
     with pytest.raises(error, match=message):
@@ -567,10 +574,38 @@ def test_selected_indices_drive_an_autograd_forward_and_backward() -> None:
     assert weight.grad is not None and torch.isfinite(weight.grad).all() and weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("kernel", ["native", "fallback"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, 1e307, -1e307])
 @pytest.mark.parametrize("which", ["learner_logits", "reference_logits"])
-def test_non_finite_logits_are_rejected_by_name_in_the_sigmoid_joint_path(which: str, bad: float) -> None:
+def test_unusable_logits_are_rejected_by_name_in_the_sigmoid_joint_path(
+    which: str, bad: float, kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NaN, ±inf, and finite logits so large that JEST's conditional sums could overflow (1e307 in float64)."""
+    if kernel == "fallback":
+        monkeypatch.setattr(native, "KERNEL", None)
     logits = {"learner_logits": _matrix(8, seed=23), "reference_logits": _matrix(8, seed=24)}
     logits[which][2, 5] = bad
-    with pytest.raises(ValueError, match=f"{which}: contains NaN or infinite values"):
+    with pytest.raises(ValueError, match=f"^{which}: contains NaN or infinite values, or values too large"):
         select_batch("jest", loss="sigmoid", batch_size=4, n_chunks=2, **logits)
+
+
+def test_float32_logits_near_the_float32_maximum_are_rejected_not_turned_into_duplicates() -> None:
+    """3e38 is finite in float32, but pair scores of that size would overflow the conditional sums."""
+    huge = torch.randn(16, 16, generator=_seeded(0)).sign() * 3e38
+    for kernel in (native.KERNEL, None):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(native, "KERNEL", kernel)
+            with pytest.raises(ValueError, match="values too large"):
+                select_batch("jest", learner_logits=huge, reference_logits=-huge, loss="sigmoid", batch_size=8,
+                             n_chunks=4, generator=_seeded(1))
+    with pytest.raises(ValueError, match=r"^scores: contains NaN or infinite values, or values too large"):
+        jest_select(huge, 8, 4, generator=_seeded(1))
+
+
+def test_native_chunk_loop_stays_unique_even_if_the_conditional_sums_overflow() -> None:
+    """Callers keep scores below the overflow limit; the kernel still never repeats an index if they do not."""
+    assert native.KERNEL is not None
+    scores = (numpy.sign(numpy.random.default_rng(0).standard_normal((16, 16))) * 3e38).astype(numpy.float32)
+    out = numpy.empty(8, numpy.int64)
+    native.KERNEL.pairwise_chunk_loop(scores, numpy.zeros((4, 16), numpy.float32), 2, out)
+    assert len(set(out.tolist())) == 8 and out.min() >= 0 and out.max() < 16
