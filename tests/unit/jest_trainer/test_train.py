@@ -237,6 +237,22 @@ def test_rich_progress_bar_and_plain_lines(tmp_path: Path, prepared, capsys, cap
 
 
 @pytest.mark.slow
+def test_a_missing_native_kernel_is_reported_once_and_training_still_runs(
+    tmp_path: Path, prepared, caplog, monkeypatch
+) -> None:
+    from jest_trainer import native
+
+    with caplog.at_level("WARNING", logger="jest_trainer.train"):
+        _run(_config(tmp_path / "native", steps=2), prepared)
+    assert "native CPU kernel" not in caplog.text
+    monkeypatch.setattr(native, "KERNEL", None)
+    with caplog.at_level("WARNING", logger="jest_trainer.train"):
+        summary = _run(_config(tmp_path / "fallback", steps=2), prepared)
+    assert caplog.text.count("native CPU kernel was not built") == 1
+    assert summary["completed_steps"] == 2
+
+
+@pytest.mark.slow
 def test_flops_and_counters_accumulate_per_step(tmp_path: Path, prepared) -> None:
     jest = _run(_config(tmp_path / "jest", steps=2), prepared)
     uniform = _run(_config(tmp_path / "uniform", steps=2, method="uniform"), prepared)
