@@ -1,8 +1,9 @@
-"""Build hook for the one compiled part: the optional native CPU kernel of JEST's chunk loop.
+"""Build hook for the one compiled part: the optional native CPU kernels of JEST's selection (the chunk loop
+and the pass before the pair-loss sigmoid).
 
 Everything else about the distribution lives in ``pyproject.toml``. The extension is ``optional``: where no
-C compiler is available the install still succeeds and ``jest_trainer.selection`` runs the same loop in
-NumPy (slower per step; the same draws up to float rounding in near-ties).
+C compiler is available the install still succeeds and selection runs the same steps in NumPy and torch
+(slower per step; the same draws up to float rounding in near-ties).
 """
 
 from setuptools import Extension, setup

@@ -134,6 +134,11 @@ def logit_magnitude_limit(dtype: torch.dtype, size: int) -> float:
     return torch.finfo(dtype).max / (4 * size + 4)
 
 
+def within_magnitude(tensor: Tensor, limit: float) -> bool:
+    """Every entry finite and at most ``limit`` in magnitude (NaN fails the comparison)."""
+    return float(tensor.detach().abs().amax()) <= limit
+
+
 def sigmoid_pair_loss_difference(logits: Sequence[Tensor], dtype: torch.dtype) -> Tensor | None:
     """``M^0 - M^1`` (or ``M^0`` for one matrix) of one or two ``[B, B]`` logit matrices, as a new tensor in
     ``dtype``; ``None`` if any logit is NaN, infinite or beyond :func:`logit_magnitude_limit` (the caller names
@@ -155,7 +160,7 @@ def sigmoid_pair_loss_difference(logits: Sequence[Tensor], dtype: torch.dtype) -
         for matrix in logits
     ):
         stacked = torch.stack([matrix.detach().to(dtype) for matrix in logits])
-        if not float(stacked.abs().amax()) <= limit:
+        if not within_magnitude(stacked, limit):
             return None
         return sigmoid_pair_loss_difference_(stacked)
     magnitudes = torch.empty((len(logits), size, size), dtype=dtype)

@@ -1,8 +1,8 @@
 """The optional compiled CPU kernels of selection (``_selection_native.c``, built by ``setup.py``).
 
 ``KERNEL`` is the extension module, or ``None`` where the install had no C compiler; callers then run the
-same arithmetic in NumPy/torch, with the same results. Read it at call time (``native.KERNEL``), so tests can
-switch the fallback on.
+same arithmetic in NumPy/torch, with the same results up to float rounding. Read it at call time
+(``native.KERNEL``), so tests can switch the fallback on.
 """
 
 from __future__ import annotations

@@ -44,6 +44,7 @@ from jest_trainer.losses import (
     logit_magnitude_limit,
     sigmoid_pair_loss_difference,
     softplus_no_grad,
+    within_magnitude,
 )
 
 METHODS: tuple[str, ...] = SELECTION_METHODS
@@ -72,11 +73,6 @@ def _score_limit(matrix: Tensor) -> float:
     return torch.finfo(_working_dtype(matrix)).max / (2 * matrix.shape[0] + 2)
 
 
-def _is_bounded(matrix: Tensor, limit: float) -> bool:
-    """Every entry finite and at most ``limit`` in magnitude (NaN fails the comparison)."""
-    return float(matrix.detach().abs().amax()) <= limit
-
-
 def _unbounded_error(names: list[str], limit: float) -> ValueError:
     return ValueError(
         f"{', '.join(names)}: contains NaN or infinite values, or values too large to sum (|x| > {limit:.3g})"
@@ -86,7 +82,7 @@ def _unbounded_error(names: list[str], limit: float) -> ValueError:
 def _validate_scores(name: str, matrix: Tensor) -> None:
     _validate_square(name, matrix)
     limit = _score_limit(matrix)
-    if not _is_bounded(matrix, limit):
+    if not within_magnitude(matrix, limit):
         raise _unbounded_error([name], limit)
 
 
@@ -383,7 +379,7 @@ def _sigmoid_pair_scores(learner: Tensor | None, reference: Tensor | None) -> Te
     scores = sigmoid_pair_loss_difference([logits for _, logits in named], dtype)
     if scores is None:  # a logit was NaN, infinite or beyond the limit: name the matrix
         limit = logit_magnitude_limit(dtype, size)
-        culprits = [name for name, logits in named if not _is_bounded(logits, limit)]
+        culprits = [name for name, logits in named if not within_magnitude(logits, limit)]
         raise _unbounded_error(culprits or [name for name, _ in named], limit)
     return scores.neg_() if learner is None else scores
 
