@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv demo test test-fast lint crds bench bench-selection bench-scaling bench-reconcile bench-energy bench-arithmetic prometheus clean
+.PHONY: venv demo test test-fast lint crds controlplane cluster-up cluster-down cluster-status bench bench-selection bench-scaling bench-reconcile bench-energy bench-arithmetic prometheus clean
 
 $(STAMP): pyproject.toml setup.py trainer_image/jest_trainer/_selection_native.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(VENV)/bin/jestctl run examples/quickstart.yaml --workdir .demo --json .demo/summary.json
 
 ## make test: lint, CRD drift, unit, integration and end-to-end tests
-test: $(STAMP) prometheus
+test: $(STAMP) prometheus controlplane
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest tests
@@ -37,6 +37,21 @@ lint: $(STAMP)
 
 crds: $(STAMP)
 	$(VENV)/bin/jestctl crds --out crds/
+
+## kube-apiserver, kube-controller-manager and etcd built from the pinned release (hack/controlplane);
+## cached per version under JEST_CONTROLPLANE_CACHE (default ~/.cache/jest-operator/controlplane); a no-op when warm
+controlplane:
+	bash hack/controlplane/build.sh
+
+## make cluster-up: a real API server + controller manager + node agent on 127.0.0.1; prints export KUBECONFIG=...
+cluster-up: $(STAMP) controlplane
+	@$(PY) -m hack.devcluster up
+
+cluster-down:
+	@$(PY) -m hack.devcluster down
+
+cluster-status:
+	@$(PY) -m hack.devcluster status
 
 ## Debian's prometheus + promtool (real server in the telemetry tests)
 prometheus:

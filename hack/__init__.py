@@ -1,0 +1,1 @@
+"""Developer tooling that is not shipped: the control-plane build and the local dev cluster."""
