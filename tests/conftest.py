@@ -15,6 +15,9 @@ from jest_operator.local import find_free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# The real control plane fixtures (control_plane, dev_cluster, kube_namespace) live in tests/kube_cluster.py.
+pytest_plugins = ["tests.kube_cluster"]
+
 
 def find_free_port_pair() -> int:
     """A free port P with P + 1 free too (``jestctl run --metrics-port P`` serves worker r on P + r)."""

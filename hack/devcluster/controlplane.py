@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import importlib.util
 import json
 import os
@@ -216,6 +217,13 @@ class ManagedProcess:
                 self.popen.wait(timeout=5)
 
 
+def _die_with_parent() -> None:
+    """preexec hook: the kernel SIGKILLs the child when its parent dies (PR_SET_PDEATHSIG), so a killed
+    pytest leaves no control plane behind."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # 1 == PR_SET_PDEATHSIG
+
+
 def _is_zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
@@ -234,6 +242,7 @@ class ControlPlane:
     kubeconfig: Path
     ports: dict[str, int]
     processes: list[ManagedProcess] = field(default_factory=list)
+    die_with_parent: bool = False
 
     @property
     def pids(self) -> dict[str, int]:
@@ -340,7 +349,8 @@ class ControlPlane:
         with log.open("ab") as out:
             popen = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True, env=dict(env) if env is not None else None,
-                                     cwd=str(cwd or self.workdir))
+                                     cwd=str(cwd or self.workdir),
+                                     preexec_fn=_die_with_parent if self.die_with_parent else None)
         proc = ManagedProcess(name, popen.pid, _proc_start_time(popen.pid), log, popen)
         self.processes.append(proc)
         return proc
@@ -373,11 +383,13 @@ def _tcp_open(port: int) -> bool:
 
 
 def start_control_plane(workdir: Path, *, bin_dir: Path | None = None, node_agent: bool = False,
-                        timeout: float = 120.0) -> ControlPlane:
+                        die_with_parent: bool = False, timeout: float = 120.0) -> ControlPlane:
     """Start etcd, kube-apiserver and kube-controller-manager under ``workdir``; return once usable.
 
     ``workdir`` receives pki/, etcd/, logs/, kubeconfig and pids.json. On any failure every process
     already started is stopped before the error propagates, so a failed start leaks nothing.
+    ``die_with_parent=True`` (the test fixture) makes the kernel kill each process if this Python process
+    dies; ``make cluster-up`` leaves it False because its processes must outlive the command.
     """
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -399,7 +411,7 @@ def start_control_plane(workdir: Path, *, bin_dir: Path | None = None, node_agen
     for path in (pki / "tokens.csv", kubeconfig, kcm_kubeconfig, pki / "ca.key", pki / "sa.key"):
         path.chmod(0o600)
     cp = ControlPlane(workdir=workdir, server=server, ca_path=pki / "ca.crt", token=admin_token,
-                      kubeconfig=kubeconfig, ports=ports)
+                      kubeconfig=kubeconfig, ports=ports, die_with_parent=die_with_parent)
     try:
         _start_etcd(cp, bin_dir, timeout)
         _start_apiserver(cp, bin_dir, timeout)
