@@ -21,6 +21,7 @@ which is what the budget alert compares against ``jest_energy_budget_joules``),
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
     from jest_trainer.energy import EnergyMeter
+
+#: Environment variable naming the address the metrics server binds (default: every interface).
+METRICS_HOST_ENV = "JEST_METRICS_HOST"
 
 PHASES: tuple[str, ...] = ("data", "selection", "forward_backward", "optimizer", "checkpoint")
 FLOP_KINDS: tuple[str, ...] = ("train", "selection_learner", "selection_reference")
@@ -219,13 +223,19 @@ class TrainerMetrics:
 
     # --- serving ---------------------------------------------------------------------------------------
 
-    def serve(self, port: int) -> int:
-        """Serve ``/metrics`` on 0.0.0.0:``port`` in a daemon thread (0 = ephemeral); returns the port."""
+    def serve(self, port: int, host: str | None = None) -> int:
+        """Serve ``/metrics`` on ``host``:``port`` in a daemon thread (0 = ephemeral); returns the port.
+
+        ``host`` defaults to ``$JEST_METRICS_HOST``, else every interface (0.0.0.0, what a pod wants). The
+        dev cluster's node agent sets it to the pod's own loopback IP, so pods sharing one host can all
+        serve on the fixed port 9090.
+        """
         if self._server is not None:
             raise RuntimeError(f"metrics are already served on port {self._server.server_port}")
         if not 0 <= port <= 65535:
             raise ValueError(f"metrics port must be in 0..65535, got {port}")
-        self._server, self._server_thread = start_http_server(port, addr="0.0.0.0", registry=self.registry)
+        address = host or os.environ.get(METRICS_HOST_ENV) or "0.0.0.0"
+        self._server, self._server_thread = start_http_server(port, addr=address, registry=self.registry)
         return int(self._server.server_port)
 
     def close(self) -> None:

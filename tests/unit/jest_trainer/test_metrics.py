@@ -195,6 +195,19 @@ def test_serve_exposes_metrics_over_http_and_closes(metrics: TrainerMetrics) -> 
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
 
 
+def test_serve_binds_the_address_in_jest_metrics_host(metrics: TrainerMetrics,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dev cluster's node agent gives each pod its own loopback IP: 9090 must be bindable per pod."""
+    monkeypatch.setenv("JEST_METRICS_HOST", "127.0.0.23")
+    port = metrics.serve(0)
+    try:
+        assert urllib.request.urlopen(f"http://127.0.0.23:{port}/metrics", timeout=5).status == 200
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.24:{port}/metrics", timeout=2)
+    finally:
+        metrics.close()
+
+
 def test_identity_is_validated() -> None:
     with pytest.raises(ValueError, match="trainingjob"):
         TrainerMetrics(trainingjob="", rank=0)
