@@ -51,6 +51,9 @@ LABEL_ATTEMPT = "jest.training/attempt"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "jest-operator"
 ANNOTATION_ATTEMPT = "jest.training/attempt"
+#: On the ConfigMap and Service: a digest of the content the builders produced, so the operator sees drift
+#: (an edited ``spec.training``) with one string comparison and patches the child back to the desired state.
+ANNOTATION_SPEC_HASH = "jest.training/spec-hash"
 
 KUEUE_QUEUE_NAME_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_POD_GROUP_NAME_LABEL = "kueue.x-k8s.io/pod-group-name"
@@ -163,6 +166,8 @@ class ConditionReason(StrEnum):
     ALL_PODS_RUNNING = "AllPodsRunning"
     POD_FAILED = "PodFailed"
     POD_MISSING = "PodMissing"
+    POD_DISRUPTED = "PodDisrupted"
+    NAME_IN_USE = "NameInUse"
     RESTARTING = "Restarting"
     RECOVERED = "Recovered"
     SUSPENDED = "Suspended"
@@ -546,6 +551,12 @@ class JESTTrainingJobStatus(WireModel):
         None, description="When the job Succeeded or Failed.", json_schema_extra={"format": "date-time"}
     )
     restarts: int = Field(0, ge=0, description="Gang restarts so far (the current attempt number).")
+    disruptions: int = Field(
+        0,
+        ge=0,
+        description="Gang restarts caused by an eviction or preemption (included in restarts; they do not count "
+        "against runPolicy.backoffLimit).",
+    )
     nodes: str | None = Field(
         None, pattern=r"^[0-9]+/[0-9]+$", description="ready/total worker pods (the kubectl get column)."
     )

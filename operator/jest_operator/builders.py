@@ -14,6 +14,11 @@ Children of job ``<name>`` in namespace ``<ns>``:
   with attempt + 1), restricted security context, read-only root filesystem with emptyDirs for
   ``/tmp`` and ``/dev/shm``.
 
+The ConfigMap and Service carry ``jest.training/spec-hash`` (:func:`spec_hash` of their labels and content), so
+the operator detects a child that drifted from the desired state (an edited ``spec.training``) by comparing
+one annotation, and patches it back. Pods carry none: they are immutable, and a new spec reaches them when
+the gang is next (re)created.
+
 Checkpoints: when a podTemplate volume is mounted at (or above) ``training.checkpoint.dir`` the
 trainer writes there; otherwise the builder mounts an ``emptyDir``, which a gang restart discards —
 resuming across restarts needs a PersistentVolumeClaim (see examples/gpu-siglip.yaml).
@@ -23,6 +28,7 @@ No I/O, no clock, no torch: same input, same output.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -30,6 +36,7 @@ from jest_trainer.config import WorkerConfig
 
 from jest_operator.api import (
     ANNOTATION_ATTEMPT,
+    ANNOTATION_SPEC_HASH,
     API_VERSION,
     CONFIG_FILE_NAME,
     CONFIG_MOUNT_DIR,
@@ -137,19 +144,39 @@ def worker_config_json(job: JESTTrainingJob) -> str:
     return json.dumps(worker_config(job).to_wire(), indent=2, sort_keys=True) + "\n"
 
 
+def spec_hash(manifest: dict[str, Any]) -> str:
+    """Digest of what the operator owns in a ConfigMap/Service: its labels, ``data`` and ``spec``.
+
+    Annotations, ownerReferences and server-set fields are left out, so the value is the same for the built
+    manifest and for the stored object as long as nobody changed the content.
+    """
+    content = {
+        "labels": (manifest.get("metadata") or {}).get("labels") or {},
+        "data": manifest.get("data"),
+        "spec": manifest.get("spec"),
+    }
+    encoded = json.dumps(content, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return hashlib.sha256(encoded).hexdigest()[:20]
+
+
+def _with_spec_hash(manifest: dict[str, Any]) -> dict[str, Any]:
+    manifest["metadata"].setdefault("annotations", {})[ANNOTATION_SPEC_HASH] = spec_hash(manifest)
+    return manifest
+
+
 def build_config_map(job: JESTTrainingJob) -> dict[str, Any]:
-    """ConfigMap ``<name>-config`` with ``config.json`` = the WorkerConfig JSON."""
-    return {
+    """ConfigMap ``<name>-config`` with ``config.json`` = the WorkerConfig JSON (and its spec hash)."""
+    return _with_spec_hash({
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(job, config_map_name(job), job_labels(job)),
         "data": {CONFIG_FILE_NAME: worker_config_json(job)},
-    }
+    })
 
 
 def build_service(job: JESTTrainingJob) -> dict[str, Any]:
     """Headless Service ``<name>``: stable pod DNS for the rendezvous, published before pods are ready."""
-    return {
+    return _with_spec_hash({
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(job, service_name(job), job_labels(job)),
@@ -161,7 +188,7 @@ def build_service(job: JESTTrainingJob) -> dict[str, Any]:
                 {"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT, "protocol": "TCP"}
             ],
         },
-    }
+    })
 
 
 def container_command(job: JESTTrainingJob) -> list[str]:

@@ -5,6 +5,8 @@ The CRD is generated, never hand-edited: ``build_crd()`` converts the models' JS
 ``anyOf``/``$ref``/``title``, draft-4 style exclusive bounds, ``default: {}`` on nested objects so the API
 server applies their defaults) and adds what only the CRD can say: CEL ``x-kubernetes-validations``
 for cross-field rules (each mirrored by ``api.parse_job`` so it is enforced without an API server too),
+transition rules making the gang shape and the experiment immutable mid-run (:data:`IMMUTABILITY_RULES`;
+the API server alone can enforce those, as only it sees the stored object),
 printer columns, short names, the status subresource. ``write_crds`` writes the committed copy
 (``crds/``, which the Helm chart links to); a test regenerates it and compares bytes.
 
@@ -103,6 +105,53 @@ _ACCELERATOR_RESOURCES_RULE = _rule(
     "nvidia.com/gpu and google.com/tpu are set from accelerator.count",
 )
 
+#: Transition rules (``oldSelf``: evaluated by the API server on updates only; ``parse_job`` sees no old
+#: object and cannot mirror them). They sit at the root because the exceptions read the stored status.
+#: A Failed job may always be edited: nothing runs, and fixing an InvalidSpec job is how it starts.
+_WAS_FAILED = "(has(oldSelf.status) && has(oldSelf.status.phase) && oldSelf.status.phase == 'Failed')"
+#: Suspended means: it was suspended, the operator has stopped its pods (phase Suspended) and the edit keeps
+#: it suspended. Resuming is a separate edit, so the operator always sees the suspension before the change,
+#: and the next gang is created (all ranks at once) only after every old pod is gone.
+_WAS_SUSPENDED = (
+    "(oldSelf.spec.runPolicy.suspend && self.spec.runPolicy.suspend && has(oldSelf.status) && "
+    "has(oldSelf.status.phase) && oldSelf.status.phase == 'Suspended')"
+)
+#: Fields fixing the gang's shape and code: WORLD_SIZE and the rank -> data-shard mapping, the collective
+#: backend, the devices per rank and the trainer image every rank must share. Changed while pods run they
+#: would give new pods another WORLD_SIZE than the old ones; changed while suspended they are safe (the
+#: trainer resumes model and optimizer, and restarts the data order for a new world size).
+GANG_SHAPE_FIELDS: tuple[str, ...] = ("numNodes", "numProcPerNode", "accelerator", "image")
+#: Fields defining the experiment: the model (a checkpoint of another architecture does not load), the
+#: reference, the data, the selection recipe and the seed (data order). Immutable unless Failed: another
+#: experiment is another job (with its own checkpoint directory).
+EXPERIMENT_FIELDS: tuple[str, ...] = (
+    "training.model",
+    "training.reference",
+    "training.data",
+    "training.selection",
+    "training.seed",
+)
+IMMUTABILITY_RULES: list[dict[str, str]] = [
+    *(
+        _rule(
+            f"self.spec.{name} == oldSelf.spec.{name} || {_WAS_SUSPENDED} || {_WAS_FAILED}",
+            f"spec.{name} cannot change while the job runs (it fixes the gang: WORLD_SIZE, devices, image); "
+            "set spec.runPolicy.suspend: true, wait for phase Suspended, edit it, then resume",
+            f".spec.{name}",
+        )
+        for name in GANG_SHAPE_FIELDS
+    ),
+    *(
+        _rule(
+            f"self.spec.{name} == oldSelf.spec.{name} || {_WAS_FAILED}",
+            f"spec.{name} is immutable: it defines the experiment (model, data order); create a new job "
+            "with its own checkpoint directory instead",
+            f".spec.{name}",
+        )
+        for name in EXPERIMENT_FIELDS
+    ),
+]
+
 CEL_RULES: dict[str, list[dict[str, str]]] = {
     "": [
         _rule(
@@ -110,7 +159,8 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
             "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
             f"metadata.name must be a DNS-1035 label of at most {MAX_JOB_NAME_LENGTH} characters "
             "(pod hostnames <name>-node-<i> derive from it)",
-        )
+        ),
+        *IMMUTABILITY_RULES,
     ],
     "spec": [
         _rule(
@@ -467,10 +517,14 @@ class SchemaViolation:
         return f"{self.field}: {self.message}"
 
 
-def validate_custom_resource(obj: dict[str, Any], crd: dict[str, Any] | None = None) -> list[SchemaViolation]:
+def validate_custom_resource(
+    obj: dict[str, Any], crd: dict[str, Any] | None = None, *, old: dict[str, Any] | None = None
+) -> list[SchemaViolation]:
     """What the API server would refuse in ``obj``: strict unknown fields, then schema and CEL on the defaulted object.
 
-    Needs ``jsonschema`` and ``cel-python`` (test/dev dependencies). Returns no violations for a valid object.
+    ``old`` is the stored object of an update: transition rules (``oldSelf``) are evaluated only where the
+    old object has a value, as on the API server; without ``old`` (a create) they are skipped. Needs
+    ``jsonschema`` and ``cel-python`` (test/dev dependencies). Returns no violations for a valid object.
     """
     import jsonschema
 
@@ -488,8 +542,11 @@ def validate_custom_resource(obj: dict[str, Any], crd: dict[str, Any] | None = N
                 field = f"{field}.{match.group(1)}" if field else match.group(1)
         violations.append(SchemaViolation(field or "<root>", error.message))
     if not blocking:  # like the API server, CEL runs unless a value has the wrong type or an unknown enum
-        violations += _cel_violations(schema, defaulted)
+        violations += _cel_violations(schema, defaulted, old=_ABSENT if old is None else apply_defaults(schema, old))
     return violations
+
+
+_ABSENT: Any = object()
 
 
 def _json_path(parts: Any) -> str:
@@ -508,13 +565,23 @@ def compile_rule(rule: str) -> Any:
     return environment.program(environment.compile(rule))
 
 
-def _cel_violations(schema: dict[str, Any], value: Any, path: str = "") -> list[SchemaViolation]:
+def is_transition_rule(rule: str) -> bool:
+    """Whether a CEL rule compares with the stored object (``oldSelf``), i.e. runs on updates only."""
+    return re.search(r"\boldSelf\b", rule) is not None
+
+
+def _cel_violations(schema: dict[str, Any], value: Any, path: str = "", *, old: Any = _ABSENT) -> list[SchemaViolation]:
     import celpy
 
     found: list[SchemaViolation] = []
     for rule in schema.get("x-kubernetes-validations", []):
+        activation = {"self": celpy.json_to_cel(_typed(schema, value))}
+        if is_transition_rule(rule["rule"]):
+            if old is _ABSENT or old is None:
+                continue
+            activation["oldSelf"] = celpy.json_to_cel(_typed(schema, old))
         try:
-            verdict = compile_rule(rule["rule"]).evaluate({"self": celpy.json_to_cel(_typed(schema, value))})
+            verdict = compile_rule(rule["rule"]).evaluate(activation)
             ok = bool(verdict) and not isinstance(verdict, Exception)
         except Exception as error:  # an evaluation error is a rejection on a real API server too
             ok, rule = False, {**rule, "message": f"{rule['message']} (evaluation error: {error})"}
@@ -524,7 +591,8 @@ def _cel_violations(schema: dict[str, Any], value: Any, path: str = "") -> list[
     if isinstance(value, dict):
         for name, child in schema.get("properties", {}).items():
             if name in value and value[name] is not None:
-                found += _cel_violations(child, value[name], f"{path}.{name}")
+                old_child = old.get(name, _ABSENT) if isinstance(old, dict) else _ABSENT
+                found += _cel_violations(child, value[name], f"{path}.{name}", old=old_child)
     elif isinstance(value, list) and isinstance(schema.get("items"), dict):
         for index, item in enumerate(value):
             found += _cel_violations(schema["items"], item, f"{path}[{index}]")

@@ -1,10 +1,12 @@
 """Kopf handlers: thin wiring of observe -> plan -> apply -> ONE status patch.
 
 Every trigger ends in :func:`request_reconcile` for one job, which runs :func:`reconcile_job` in a worker
-thread: GET the job, LIST its pods (and ConfigMap/Service names), scrape the workers' metrics, call the
-pure :func:`jest_operator.status.plan` (or :func:`~jest_operator.status.invalid_spec_plan` when
-:func:`jest_operator.api.parse_job` raises ``InvalidSpec``), apply the plan through
-:mod:`jest_operator.kube`, and merge-patch the status once, only if it changed. Events are posted with
+thread: GET the job, take its pods, ConfigMap and Service from the watch-fed indexes (LIST them before
+the indexes exist), scrape the workers' metrics, call the pure :func:`jest_operator.status.plan` (or
+:func:`~jest_operator.status.invalid_spec_plan` when :func:`jest_operator.api.parse_job` raises
+``InvalidSpec``), apply the plan through :mod:`jest_operator.kube`, and merge-patch the status once, only
+if it changed, conditionally on the resourceVersion that was read: a 409 (the job changed meanwhile)
+re-reads and re-plans, so no status write is computed from a stale read. Events are posted with
 ``kopf.event`` (stable reasons from ``status.REASONS``). Reconciles of one job never overlap: a per-job
 lock serialises them and triggers arriving meanwhile coalesce into one more run.
 
@@ -14,12 +16,15 @@ Triggers:
   references let a real cluster's garbage collector do it; this covers clusters/emulators without one
   and an operator that was down);
 * ``on.event`` of pods labelled ``app.kubernetes.io/managed-by=jest-operator``: fast reaction to phases;
-* ``@kopf.index`` of those pods by job: reconciles read pods from it instead of a LIST per job (the
-  job itself is always read with a GET, as its status is the state machine's memory);
+* ``@kopf.index`` of those pods, and of the operator's ConfigMaps and Services, by job: reconciles read
+  them there instead of LISTs per job (the job itself is always read with a GET, as its status is the
+  state machine's memory); a ConfigMap/Service event reconciles its job too (drift, deletion);
 * a resync loop (every ``resync_seconds``, default 5 s) over every known job: level-based progress,
   deadlines, TTLs and metrics scraping. It is an operator-level task rather than ``@kopf.timer`` because
   Kopf timers (and daemons) put a finalizer on every job, and the operator is finalizer-free: deleting a
-  job never blocks on the operator being up.
+  job never blocks on the operator being up. With peering on, the loop reads the KopfPeering object
+  Kopf uses and stays idle while another replica holds priority (:func:`peering_active`, Kopf's own rule),
+  exactly when Kopf has paused this replica's watches.
 
 Settings: Kopf's progress and diff-base live in annotations with our prefix (``jest.training/``), never
 in ``status`` (the structural schema would prune it); peering is off unless ``jest-operator --peering``
@@ -45,6 +50,7 @@ import kopf
 from pydantic import ValidationError
 
 from jest_operator import progress as progress_module
+from jest_operator import status as status_module
 from jest_operator.api import (
     GROUP,
     LABEL_JOB_NAME,
@@ -56,7 +62,7 @@ from jest_operator.api import (
     JESTTrainingJobStatus,
     parse_job,
 )
-from jest_operator.kube import KubeClient
+from jest_operator.kube import KubeClient, KubeError
 from jest_operator.operator_metrics import OperatorMetrics
 from jest_operator.status import (
     Plan,
@@ -79,6 +85,10 @@ class OperatorConfig:
     resync_seconds: float = float(os.environ.get("JEST_OPERATOR_RESYNC_SECONDS", "5"))
     scrape_timeout_seconds: float = 1.0
     max_parallel_reconciles: int = 16
+    peering_name: str | None = None
+    peering_priority: int = 0
+    peering_identity: str | None = None
+    clusterwide: bool = True
 
 
 @dataclass
@@ -100,6 +110,7 @@ class _Runtime:
     last_resync: float = field(default_factory=time.monotonic)
     kopf_context: contextvars.Context | None = None
     pod_index: Any = None
+    child_indexes: dict[str, Any] = field(default_factory=dict)
 
 
 CONFIG = OperatorConfig()
@@ -108,12 +119,14 @@ RUNTIME = _Runtime()
 
 @dataclass
 class ReconcileResult:
-    """What one reconcile did: ``outcome`` is ok | invalid | gone; ``body`` the job as read (for events)."""
+    """What one reconcile did: ``outcome`` is ok | invalid | gone; ``body`` the job as read (for events);
+    ``conflicts`` how many conditional status writes were refused (409) and re-planned."""
 
     outcome: str
     body: dict | None = None
     plan: Plan | None = None
     phase: str | None = None
+    conflicts: int = 0
 
 
 def sanitize_status(raw: Any) -> dict[str, Any]:
@@ -163,14 +176,14 @@ def decide(
     body: Mapping[str, Any],
     pods: list[dict],
     *,
-    existing_children: set[str] | None,
+    existing_children: list[dict] | None,
     progress: TrainerProgress | None,
     now: dt.datetime,
 ) -> tuple[str, Plan]:
     """Pure entry point of a reconcile: a raw job body + observations -> (outcome, plan); never raises on bad input.
 
     ``outcome`` is ``invalid`` when the spec fails :func:`parse_job` (the plan then sets Failed/InvalidSpec and
-    deletes the job's pods, creating nothing), else ``ok``.
+    deletes the job's pods, never another owner's, creating nothing), else ``ok``.
     """
     previous = sanitize_status(body.get("status"))
     metadata = body.get("metadata") if isinstance(body.get("metadata"), Mapping) else {}
@@ -180,9 +193,19 @@ def decide(
     except InvalidSpec as error:
         result = invalid_spec_plan(previous, field_path=error.field, message=error.message, generation=generation,
                                    now=now)
-        names = tuple(str((p.get("metadata") or {}).get("name")) for p in pods)
-        return "invalid", Plan(**{**result.__dict__, "delete_pods": names})
+        name = metadata.get("name") if isinstance(metadata.get("name"), str) else ""
+        uid = metadata.get("uid") if isinstance(metadata.get("uid"), str) else None
+        names = tuple(
+            observed.name for observed in (status_module.observe_pod(p) for p in pods)
+            if status_module.ownership(observed.owners, name, uid) != "foreign"
+        )
+        grace = status_module.SHORT_GRACE_SECONDS if names else None
+        return "invalid", Plan(**{**result.__dict__, "delete_pods": names, "delete_grace_seconds": grace})
     return "ok", plan(job, pods, progress, now, existing_children=existing_children, previous_status=previous)
+
+
+#: Conditional status writes refused with 409 are re-planned from a fresh read this many times per reconcile.
+MAX_CONFLICT_RETRIES = 5
 
 
 def reconcile_job(
@@ -194,49 +217,123 @@ def reconcile_job(
     read_progress: Callable[..., TrainerProgress | None] = progress_module.read_progress,
     scrape_timeout: float = 1.0,
     pods: list[dict] | None = None,
+    children: list[dict] | None = None,
 ) -> ReconcileResult:
     """Observe, plan and apply one job (blocking; runs in a worker thread). See the module docstring.
 
     The job is always read with a GET (its status is the state machine's memory and must be current);
-    ``pods`` may come from the operator's watch-fed index (None = LIST them). A stale pod list is safe:
-    creating an existing pod is a 409, deleting a gone one a 404, and only pods of the current attempt
-    (which the fresh status names) can trigger a gang restart.
+    ``pods`` and ``children`` (its ConfigMaps/Services) may come from the operator's watch-fed indexes
+    (None = LIST them). A stale list is safe: creating an existing child is a 409, deleting a gone one a
+    404, and only pods of the current attempt (which the fresh status names) can trigger a gang restart.
+    When the status write meets a 409 the job is read again and the plan recomputed (its side effects are
+    idempotent), up to :data:`MAX_CONFLICT_RETRIES` times.
     """
-    body = kube.get_job(namespace, name)
-    if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
-        kube.delete_children(namespace, name)
-        return ReconcileResult("gone", body)
     if pods is None:
         pods = kube.list_pods(namespace, name)
-    steps = ((body.get("spec") or {}).get("training") or {}).get("steps")
-    progress = read_progress(pods, total_steps=steps if isinstance(steps, int) else None, timeout=scrape_timeout)
-    moment = now or dt.datetime.now(dt.UTC)
-    # The ConfigMap and Service only matter when pods are about to be created: assume they exist, and when
-    # the plan does create pods, re-plan with "unknown" so they are created too (a 409 counts as success).
-    # Steady-state resyncs thus cost one GET and one LIST, and a creation no extra LISTs.
-    assumed = {f"{name}-config", name}
-    outcome, the_plan = decide(body, pods, existing_children=assumed, progress=progress, now=moment)
-    if any(child.get("kind") == "Pod" for child in the_plan.create):
-        outcome, the_plan = decide(body, pods, existing_children=None, progress=progress, now=moment)
-    apply_plan(kube, namespace, name, body, the_plan)
-    return ReconcileResult(outcome, body, the_plan, the_plan.status.get("phase"))
+    if children is None:
+        children = kube.list_children(namespace, name)
+    progress: TrainerProgress | None = None
+    scraped = False
+    for attempt in range(MAX_CONFLICT_RETRIES + 1):
+        body = kube.get_job(namespace, name)
+        if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+            kube.delete_children(namespace, name)
+            return ReconcileResult("gone", body)
+        if not scraped:
+            steps = ((body.get("spec") or {}).get("training") or {}).get("steps")
+            progress = read_progress(pods, total_steps=steps if isinstance(steps, int) else None,
+                                     timeout=scrape_timeout)
+            scraped = True
+        moment = now or dt.datetime.now(dt.UTC)
+        outcome, the_plan = decide(body, pods, existing_children=children, progress=progress, now=moment)
+        try:
+            apply_plan(kube, namespace, name, body, the_plan)
+        except KubeError as error:
+            if error.status != 409 or attempt == MAX_CONFLICT_RETRIES:
+                raise
+            LOG.info("status of %s/%s changed since it was read; re-planning (%d)", namespace, name, attempt + 1)
+            continue
+        return ReconcileResult(outcome, body, the_plan, the_plan.status.get("phase"), conflicts=attempt)
+    raise AssertionError("unreachable")
 
 
 def apply_plan(kube: KubeClient, namespace: str, name: str, body: Mapping[str, Any], the_plan: Plan) -> None:
-    """Apply a plan: spec patch, pod deletions, creations (409 = fine), ONE status patch if changed, TTL delete."""
+    """Apply a plan in order: spec patch, deletions, creations (409 = fine), drift patches, ONE conditional
+    status patch if changed (409 propagates as KubeError for the caller to re-plan), the TTL delete."""
+    resource_version = (body.get("metadata") or {}).get("resourceVersion")
     if the_plan.spec_patch:
-        kube.patch_spec(namespace, name, the_plan.spec_patch)
+        resource_version = kube.patch_spec(namespace, name, the_plan.spec_patch) or resource_version
     for pod_name in the_plan.delete_pods:
         kube.delete_pod(namespace, pod_name, the_plan.delete_grace_seconds)
+    for kind, child_name in the_plan.delete_children:
+        kube.delete_child(kind, namespace, child_name)
     for child in the_plan.create:
         kube.create(child)
+    for child in the_plan.update:
+        kube.update(child)
     stored = body.get("status") if isinstance(body.get("status"), Mapping) else {}
     patch = merge_patch(stored, the_plan.status)
     if patch:
-        kube.patch_status(namespace, name, patch)
+        kube.patch_status(namespace, name, patch, resource_version=resource_version)
     if the_plan.delete_job:
         kube.delete_job(namespace, name)
         kube.delete_children(namespace, name)
+
+
+def peering_active(peering: Mapping[str, Any] | None, *, identity: str, priority: int, now: dt.datetime) -> bool:
+    """Whether Kopf lets this replica act, by Kopf's rule over its peering object's ``status``.
+
+    ``status`` maps each peer's identity to ``{priority, lifetime, lastseen}``. This replica is active
+    when its own entry is alive and no other live peer has the same or a higher priority (Kopf pauses
+    every replica of a same-priority tie). No object, or no entry of ours yet, means not active: Kopf is
+    paused then too.
+    """
+    peers = (peering or {}).get("status")
+    if not isinstance(peers, Mapping) or identity not in peers:
+        return False
+
+    def alive(info: Any) -> bool:
+        if not isinstance(info, Mapping):
+            return False
+        seen = status_module.parse_time(str(info.get("lastseen") or "")) or now
+        try:
+            lifetime = float(info.get("lifetime", 60))
+        except (TypeError, ValueError):
+            lifetime = 60.0
+        return (now - seen).total_seconds() < lifetime
+
+    if not alive(peers[identity]):
+        return False
+    for peer, info in peers.items():
+        if peer == identity or not alive(info):
+            continue
+        try:
+            other = int(info.get("priority", 0))
+        except (TypeError, ValueError):
+            other = 0
+        if other >= priority:
+            return False
+    return True
+
+
+def active_namespaces(kube: KubeClient, namespaces: set[str], *, now: dt.datetime | None = None) -> set[str]:
+    """Of ``namespaces``, those where this replica may reconcile (all of them when peering is off)."""
+    if CONFIG.peering_name is None or CONFIG.peering_identity is None:
+        return set(namespaces)
+    moment = now or dt.datetime.now(dt.UTC)
+
+    def allowed(namespace: str | None) -> bool:
+        try:
+            peering = kube.get_peering(CONFIG.peering_name or "", namespace)
+        except Exception as error:  # the API is down: do nothing rather than act as a possible standby
+            LOG.warning("cannot read peering %s: %s", CONFIG.peering_name, error)
+            return False
+        return peering_active(peering, identity=CONFIG.peering_identity or "", priority=CONFIG.peering_priority,
+                              now=moment)
+
+    if CONFIG.clusterwide:
+        return set(namespaces) if allowed(None) else set()
+    return {namespace for namespace in namespaces if allowed(namespace)}
 
 
 # ---------------------------------------------------------------------------------------------- async side
@@ -262,10 +359,12 @@ async def _reconcile_once(namespace: str, name: str, *, raise_errors: bool) -> N
     started = time.monotonic()
     loop = asyncio.get_running_loop()
     pods = indexed_pods(namespace, name)
+    children = indexed_children(namespace, name)
     try:
         result = await loop.run_in_executor(
             RUNTIME.executor,
-            lambda: reconcile_job(kube, namespace, name, scrape_timeout=CONFIG.scrape_timeout_seconds, pods=pods),
+            lambda: reconcile_job(kube, namespace, name, scrape_timeout=CONFIG.scrape_timeout_seconds, pods=pods,
+                                  children=children),
         )
     except Exception as error:
         RUNTIME.metrics.observe_reconcile("error", time.monotonic() - started)
@@ -309,9 +408,14 @@ async def _resync_loop() -> None:
         async with semaphore:
             await request_reconcile(namespace, name)
 
+    loop = asyncio.get_running_loop()
     while True:
         RUNTIME.last_resync = time.monotonic()
         keys = list(RUNTIME.jobs)
+        if keys and CONFIG.peering_name is not None and RUNTIME.kube is not None:
+            namespaces = {namespace for namespace, _ in keys}
+            allowed = await loop.run_in_executor(RUNTIME.executor, active_namespaces, RUNTIME.kube, namespaces)
+            keys = [key for key in keys if key[0] in allowed]
         if keys:
             await asyncio.gather(*(one(ns, name) for ns, name in keys), return_exceptions=True)
         await asyncio.sleep(CONFIG.resync_seconds)
@@ -325,11 +429,24 @@ def indexed_pods(namespace: str, name: str) -> list[dict] | None:
     return [copy.deepcopy(pod) for pod in index.get((namespace, name), ())]
 
 
+def indexed_children(namespace: str, name: str) -> list[dict] | None:
+    """The job's ConfigMaps and Services from the watch-fed indexes, or None before both exist."""
+    if set(RUNTIME.child_indexes) != {"ConfigMap", "Service"}:
+        return None
+    found: list[dict] = []
+    for kind, index in RUNTIME.child_indexes.items():
+        found += [{**copy.deepcopy(child), "kind": kind} for child in index.get((namespace, name), ())]
+    return found
+
+
 def _remember_index(kwargs: Mapping[str, Any]) -> None:
-    """Keep a reference to Kopf's live pod index (handed to handlers as the ``pods_by_job`` kwarg)."""
+    """Keep references to Kopf's live indexes (handed to handlers as ``pods_by_job`` etc. kwargs)."""
     if RUNTIME.pod_index is None and kwargs.get("pods_by_job") is not None:
         RUNTIME.pod_index = kwargs["pods_by_job"]
         LOG.info("reconciles now read pods from the pods_by_job index")
+    for kind, key in (("ConfigMap", "configmaps_by_job"), ("Service", "services_by_job")):
+        if kind not in RUNTIME.child_indexes and kwargs.get(key) is not None:
+            RUNTIME.child_indexes[kind] = kwargs[key]
 
 
 # ---------------------------------------------------------------------------------------------- Kopf
@@ -340,6 +457,18 @@ def pods_by_job(namespace: str, labels: Mapping[str, str], body: Mapping[str, An
     Kopf populates every index from its initial listing before any handler runs, so a restarted operator
     never mistakes an unseen pod for a missing one.
     """
+    return {(namespace, labels[LABEL_JOB_NAME]): copy.deepcopy(dict(body))}
+
+
+@kopf.index("", "v1", "configmaps", labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_JOB_NAME: kopf.PRESENT})
+def configmaps_by_job(namespace: str, labels: Mapping[str, str], body: Mapping[str, Any], **_: Any) -> dict:
+    """Index the operator's ConfigMaps by (namespace, job), for the desired-state comparison."""
+    return {(namespace, labels[LABEL_JOB_NAME]): copy.deepcopy(dict(body))}
+
+
+@kopf.index("", "v1", "services", labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_JOB_NAME: kopf.PRESENT})
+def services_by_job(namespace: str, labels: Mapping[str, str], body: Mapping[str, Any], **_: Any) -> dict:
+    """Index the operator's Services by (namespace, job), for the desired-state comparison."""
     return {(namespace, labels[LABEL_JOB_NAME]): copy.deepcopy(dict(body))}
 
 
@@ -408,7 +537,7 @@ async def on_job_change(namespace: str, name: str, **kwargs: Any) -> None:
 @kopf.on.field(GROUP, VERSION, PLURAL, field="spec.runPolicy.suspend", id="suspend-changed")
 async def on_suspend_change(namespace: str, name: str, old: Any, new: Any, logger: logging.Logger,
                             **kwargs: Any) -> None:
-    """Suspend/resume (Kueue flips this field): react at once."""
+    """Suspend/resume (a user, a queueing controller, or the energy budget flips this field): react at once."""
     _remember_index(kwargs)
     logger.info("spec.runPolicy.suspend: %s -> %s", old, new)
     await request_reconcile(namespace, name, raise_errors=True)
@@ -435,4 +564,16 @@ async def on_pod_event(namespace: str, labels: Mapping[str, str], **kwargs: Any)
     _remember_index(kwargs)
     job_name = labels.get(LABEL_JOB_NAME)
     if job_name:
+        await request_reconcile(namespace, job_name)
+
+
+@kopf.on.event("", "v1", "configmaps", labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_JOB_NAME: kopf.PRESENT},
+               id="configmap-events")
+@kopf.on.event("", "v1", "services", labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_JOB_NAME: kopf.PRESENT},
+               id="service-events")
+async def on_child_event(namespace: str, labels: Mapping[str, str], **kwargs: Any) -> None:
+    """A ConfigMap/Service of a job changed or went away: reconcile the job (drift, recreation)."""
+    _remember_index(kwargs)
+    job_name = labels.get(LABEL_JOB_NAME)
+    if job_name and (namespace, job_name) in RUNTIME.jobs:
         await request_reconcile(namespace, job_name)

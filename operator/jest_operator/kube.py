@@ -27,16 +27,22 @@ REQUIRED_PERMISSIONS: list[tuple[str, str, tuple[str, ...]]] = [
     # reconciler GETs it, patches spec.runPolicy.suspend (energy budget) and deletes it (TTL).
     (GROUP, PLURAL, ("get", "list", "watch", "patch", "delete")),
     (GROUP, f"{PLURAL}/status", ("get", "patch")),
-    # Children.
+    # Children carry ownerReferences with blockOwnerDeletion: true. The OwnerReferencesPermissionEnforcement
+    # admission plugin (OpenShift, hardened clusters) lets a client set that only if it may update the
+    # owner's finalizers subresource; without this every child create is refused with 403.
+    (GROUP, f"{PLURAL}/finalizers", ("update",)),
+    # Children: pods are watched (index + events); ConfigMaps and Services are watched too (an index for
+    # the desired-state comparison) and patched when they drift from the builders' output.
     ("", "pods", ("get", "list", "watch", "create", "delete")),
-    ("", "services", ("get", "list", "create", "delete")),
-    ("", "configmaps", ("get", "list", "create", "delete")),
+    ("", "services", ("get", "list", "watch", "create", "patch", "delete")),
+    ("", "configmaps", ("get", "list", "watch", "create", "patch", "delete")),
     # Events posted through Kopf (kopf.info / kopf.warn / kopf.exception).
     ("", "events", ("create",)),
     # Kopf's own needs: resource discovery and namespace scanning.
     ("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch")),
     ("", "namespaces", ("list", "watch")),
-    # Kopf peering (only when the operator runs with --peering; harmless otherwise).
+    # Kopf peering (only when the operator runs with --peering; harmless otherwise). The resync loop GETs
+    # the same object to stay idle while Kopf has paused this replica.
     ("kopf.dev", "kopfpeerings", ("get", "list", "watch", "patch")),
     ("kopf.dev", "clusterkopfpeerings", ("get", "list", "watch", "patch")),
 ]
@@ -104,6 +110,40 @@ class KubeClient:
         )
         return _owned_items(payload, job_name)
 
+    def list_children(self, namespace: str, job_name: str) -> list[dict]:
+        """The job's ConfigMaps and Services (label-selected; ``kind`` set on each, as LIST items lack it)."""
+        found: list[dict] = []
+        for kind, lister in (
+            ("ConfigMap", self._core.list_namespaced_config_map),
+            ("Service", self._core.list_namespaced_service),
+        ):
+            payload = self._read(
+                lambda lister=lister: lister(
+                    namespace, label_selector=_selector(job_name), _preload_content=False,
+                    _request_timeout=REQUEST_TIMEOUT_SECONDS,
+                )
+            )
+            found += [{**item, "kind": kind} for item in _owned_items(payload, job_name)]
+        return found
+
+    def get_peering(self, name: str, namespace: str | None) -> dict | None:
+        """The KopfPeering (namespaced) or ClusterKopfPeering (namespace None) object, or None when absent."""
+        if namespace is None:
+            return self._read(
+                lambda: self._custom.get_cluster_custom_object(
+                    "kopf.dev", "v1", "clusterkopfpeerings", name, _preload_content=False,
+                    _request_timeout=REQUEST_TIMEOUT_SECONDS,
+                ),
+                missing_ok=True,
+            )
+        return self._read(
+            lambda: self._custom.get_namespaced_custom_object(
+                "kopf.dev", "v1", namespace, "kopfpeerings", name, _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT_SECONDS,
+            ),
+            missing_ok=True,
+        )
+
     # -- writing -------------------------------------------------------------------------------------
     def create(self, manifest: dict) -> bool:
         """Create a Pod, Service or ConfigMap; True if created, False if it already existed (409)."""
@@ -123,6 +163,38 @@ class KubeClient:
                 return False
             raise _wrap(error) from error
         return True
+
+    def update(self, manifest: dict) -> None:
+        """Bring a ConfigMap/Service back to ``manifest``: merge-patch its labels, annotations and content."""
+        metadata = manifest["metadata"]
+        patch: dict[str, Any] = {
+            "metadata": {"labels": metadata.get("labels") or {}, "annotations": metadata.get("annotations") or {}}
+        }
+        kind = manifest.get("kind", "")
+        if kind == "ConfigMap":
+            patcher, patch["data"] = self._core.patch_namespaced_config_map, manifest.get("data") or {}
+        elif kind == "Service":
+            patcher, patch["spec"] = self._core.patch_namespaced_service, manifest.get("spec") or {}
+        else:
+            raise ValueError(f"kube.update: unsupported kind {kind!r}")
+        self._call(
+            lambda: patcher(
+                metadata["name"], metadata["namespace"], patch, _content_type=MERGE_PATCH, _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT_SECONDS,
+            )
+        )
+
+    def delete_child(self, kind: str, namespace: str, name: str) -> bool:
+        """Delete a ConfigMap or Service by name; False when it was already gone."""
+        deleters = {
+            "ConfigMap": self._core.delete_namespaced_config_map,
+            "Service": self._core.delete_namespaced_service,
+        }
+        if kind not in deleters:
+            raise ValueError(f"kube.delete_child: unsupported kind {kind!r}")
+        return self._delete(
+            lambda: deleters[kind](name, namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT_SECONDS)
+        )
 
     def delete_pod(self, namespace: str, name: str, grace_seconds: int | None = None) -> bool:
         """Delete a pod (None = its own termination grace period); False when it was already gone."""
@@ -157,23 +229,33 @@ class KubeClient:
                 )
         return deleted
 
-    def patch_status(self, namespace: str, name: str, status: dict) -> None:
-        """Merge-patch the status subresource with the complete new status block (one call per reconcile)."""
-        self._call(
+    def patch_status(self, namespace: str, name: str, status: dict, *, resource_version: str | None = None) -> str:
+        """Merge-patch the status subresource (one call per reconcile); returns the new resourceVersion.
+
+        With ``resource_version`` the patch is conditional: the API server refuses it with 409 (KubeError)
+        when the job changed since it was read, so a status computed from a stale read never overwrites a
+        newer write; the caller re-reads and re-plans.
+        """
+        patch: dict[str, Any] = {"status": status}
+        if resource_version:
+            patch["metadata"] = {"resourceVersion": resource_version}
+        stored = self._read(
             lambda: self._custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, PLURAL, name, {"status": status}, _content_type=MERGE_PATCH,
+                GROUP, VERSION, namespace, PLURAL, name, patch, _content_type=MERGE_PATCH,
                 _preload_content=False, _request_timeout=REQUEST_TIMEOUT_SECONDS,
             )
         )
+        return str(((stored or {}).get("metadata") or {}).get("resourceVersion") or "")
 
-    def patch_spec(self, namespace: str, name: str, spec_patch: dict) -> None:
-        """Merge-patch ``spec`` (used to set ``runPolicy.suspend`` when the energy budget is spent)."""
-        self._call(
+    def patch_spec(self, namespace: str, name: str, spec_patch: dict) -> str:
+        """Merge-patch ``spec`` (``runPolicy.suspend`` when the energy budget is spent); the new resourceVersion."""
+        stored = self._read(
             lambda: self._custom.patch_namespaced_custom_object(
                 GROUP, VERSION, namespace, PLURAL, name, {"spec": spec_patch}, _content_type=MERGE_PATCH,
                 _preload_content=False, _request_timeout=REQUEST_TIMEOUT_SECONDS,
             )
         )
+        return str(((stored or {}).get("metadata") or {}).get("resourceVersion") or "")
 
     def delete_job(self, namespace: str, name: str) -> bool:
         """Delete the JESTTrainingJob (TTL after finishing); False when already gone."""

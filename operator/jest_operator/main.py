@@ -7,7 +7,8 @@ Without ``--namespace`` or ``-A`` it watches ``$WATCH_NAMESPACE`` (comma-separat
 every namespace. ``--liveness-port`` serves Kopf's ``/healthz`` (our resync probe included); the
 Deployment's livenessProbe points there. ``--metrics-port`` serves the operator metrics
 (``jest_operator_*``). Peering is off (``--standalone``) unless ``--peering`` names a KopfPeering object:
-then several replicas can run and only the highest priority one acts.
+then several replicas can run and only the highest priority one acts (Kopf pauses the others' watches,
+and the resync loop reads the same peering object to stay idle with them).
 """
 
 from __future__ import annotations
@@ -53,6 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.all_namespaces and os.environ.get("WATCH_NAMESPACE"):
         namespaces = [ns.strip() for ns in os.environ["WATCH_NAMESPACE"].split(",") if ns.strip()]
     liveness = f"http://{args.liveness_host}:{args.liveness_port}/healthz" if args.liveness_port else None
+    # One identity for Kopf's peering and for the resync loop, which idles while Kopf has paused us.
+    # Kopf exports no public helper for it; this is the function kopf.run itself calls when given none.
+    from kopf._core.engines import peering as kopf_peering
+
+    identity = kopf_peering.detect_own_id(manual=False)
+    handlers.CONFIG.peering_name = args.peering
+    handlers.CONFIG.peering_priority = args.priority
+    handlers.CONFIG.peering_identity = str(identity)
+    handlers.CONFIG.clusterwide = not namespaces
     kopf.configure(verbose=args.verbose)
     kopf.run(
         clusterwide=not namespaces,
@@ -61,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         peering_name=args.peering,
         priority=args.priority,
         liveness_endpoint=liveness,
+        identity=identity,
     )
     return 0
 

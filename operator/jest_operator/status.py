@@ -10,22 +10,41 @@ The state machine (DESIGN.md §3, §6):
 * **Pending** -- children are created (ConfigMap, headless Service, one pod per node, all labelled with
   the gang attempt); the job is Pending until every pod of the current attempt runs.
 * **Running** -- every pod of the current attempt runs.
-* **Restarting** -- a pod failed (or vanished while the gang ran) and ``restarts < backoffLimit``: every
-  pod is deleted, ``restarts`` (= the gang attempt) increments, and the next reconcile recreates the gang
-  once the old pods are gone (pod names are stable, so creation waits for deletion).
-* **Suspended** -- ``spec.runPolicy.suspend`` (Kueue sets it) or an energy budget with
-  ``onBudgetExceeded: Suspend``: every pod is deleted with its grace period, so the trainer checkpoints on
-  SIGTERM; ``startTime`` is cleared like a Kubernetes Job's, so ``activeDeadlineSeconds`` counts active
-  time only. Resuming recreates the pods, which resume from the newest checkpoint.
-* **Succeeded** -- rank 0 succeeded and no pod of the attempt failed.
+* **Restarting** -- a pod failed (or vanished while the gang ran) and the failures so far are fewer than
+  ``backoffLimit``: every pod is deleted with a short grace (:data:`SHORT_GRACE_SECONDS`: with a peer gone
+  the survivors cannot finish a collective checkpoint; the gang resumes from the newest complete one),
+  ``restarts`` (= the gang attempt) increments, and the gang is recreated once EVERY old pod is gone (pod
+  names are stable, and a new rank must never rendezvous with an old rank 0 still shutting down).
+  An evicted or preempted pod (condition ``DisruptionTarget``, or reason ``Evicted``/``Preempted``)
+  restarts the gang the same way but is counted in ``disruptions`` instead of against ``backoffLimit``,
+  and the other pods get their full grace period: the trainer's SIGTERM stop is agreed across ranks, so
+  the whole gang checkpoints together.
+* **Suspended** -- ``spec.runPolicy.suspend`` or an energy budget with ``onBudgetExceeded: Suspend``:
+  every pod is deleted with its grace period, so the trainer checkpoints on SIGTERM (a short grace when
+  the newest checkpoint already holds the newest step); ``startTime`` is cleared like a Kubernetes Job's,
+  so ``activeDeadlineSeconds`` counts active time only. Resuming recreates the pods, which resume from the
+  newest checkpoint.
+* **Succeeded** -- rank 0 succeeded and no pod of the attempt failed or was disrupted.
 * **Failed** -- backoff exhausted (``BackoffLimitExceeded``, with the failed pod's reason and message),
   ``activeDeadlineSeconds`` passed (``DeadlineExceeded``), energy budget spent with ``onBudgetExceeded:
   Fail`` (``EnergyBudgetExceeded``) or a spec the schema could not reject (``InvalidSpec``, see
   :func:`invalid_spec_plan`; fixing the spec leaves this state).
 
+Ownership: a child belongs to the job only if an ownerReference carries the job's uid (a job without a
+uid, as ``jestctl run`` has, owns everything labelled with its name). A child owned by an earlier job of
+the same name (deleted, its garbage not yet collected) is never adopted or counted: it is deleted, and
+the names it holds are waited for. A child of the same name owned by anything else is left alone and
+waited for, with condition ``Created`` False / ``NameInUse`` naming it.
+
+Desired state: the ConfigMap and Service are compared with the builders' output through their
+``jest.training/spec-hash`` annotation and patched when they differ (an edited ``spec.training`` reaches
+``config.json``; the trainer reads it at the next gang start). Pods are never patched: the next gang
+(re)start creates them from the current spec.
+
 Finished jobs apply ``cleanPodPolicy`` (None keeps every pod, Running deletes pods still pending or
 running, All deletes every pod); a deadline or a budget failure always stops active pods, as those are
-what the limit is about. ``ttlSecondsAfterFinished`` then deletes the job itself.
+what the limit is about; these cleanups use the short grace (rank 0 finished and checkpointed, or the job
+failed and nothing resumes). ``ttlSecondsAfterFinished`` then deletes the job itself.
 
 Conditions keep ``lastTransitionTime`` unless their ``status`` flips; events carry stable reasons
 (:data:`REASONS`). Energy figures always carry ``method`` and ``source`` from the trainer's meter.
@@ -40,7 +59,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from jest_operator.api import ConditionReason, ConditionType, Phase
+from jest_operator.api import ANNOTATION_SPEC_HASH, API_VERSION, KIND, ConditionReason, ConditionType, Phase
 
 # The vocabulary lives in the API module (one source of truth); these plain-string aliases keep the state
 # machine terse and its output serialisable by any encoder.
@@ -60,6 +79,8 @@ REASON_PODS_PENDING = ConditionReason.PODS_PENDING.value
 REASON_ALL_PODS_RUNNING = ConditionReason.ALL_PODS_RUNNING.value
 REASON_POD_FAILED = ConditionReason.POD_FAILED.value
 REASON_POD_MISSING = ConditionReason.POD_MISSING.value
+REASON_POD_DISRUPTED = ConditionReason.POD_DISRUPTED.value
+REASON_NAME_IN_USE = ConditionReason.NAME_IN_USE.value
 REASON_RESTARTING = ConditionReason.RESTARTING.value
 REASON_RECOVERED = ConditionReason.RECOVERED.value
 REASON_SUSPENDED = ConditionReason.SUSPENDED.value
@@ -78,6 +99,13 @@ ENERGY_WARNING_FRACTION = 0.9
 JOULES_PER_KWH = 3.6e6
 LABEL_REPLICA_INDEX = "jest.training/replica-index"
 ANNOTATION_ATTEMPT = "jest.training/attempt"
+#: Grace period of deletions where nothing is left to checkpoint (gang restarts after a failure, cleanups of
+#: finished jobs, stale pods): SIGTERM, then SIGKILL after this many seconds instead of the pod's own 120 s.
+SHORT_GRACE_SECONDS = 5
+#: Pod condition the API server, scheduler and kubelet set before they evict or preempt a pod.
+DISRUPTION_CONDITION = "DisruptionTarget"
+#: Pod status reasons of evictions and preemptions that come without the condition (older kubelets).
+DISRUPTION_REASONS: frozenset[str] = frozenset({"Evicted", "Preempted", "Preempting"})
 
 
 class ChildBuilder(Protocol):
@@ -107,6 +135,59 @@ class ObservedPod:
     terminating: bool
     reason: str = ""
     message: str = ""
+    owners: tuple[tuple[str, str], ...] = ()
+    disruption: str | None = None
+
+
+def job_owners(metadata: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """``(name, uid)`` of every JESTTrainingJob in an object's ownerReferences."""
+    found: list[tuple[str, str]] = []
+    for ref in metadata.get("ownerReferences") or []:
+        if not isinstance(ref, Mapping):
+            continue
+        if ref.get("kind") == KIND and str(ref.get("apiVersion", "")).split("/")[0] == API_VERSION.split("/")[0]:
+            found.append((str(ref.get("name", "")), str(ref.get("uid", ""))))
+    return tuple(found)
+
+
+Ownership = Literal["ours", "previous", "foreign"]
+
+
+def ownership(owners: Iterable[tuple[str, str]], job_name: str, job_uid: str | None) -> Ownership:
+    """Whose child this is: ``ours`` (an owner reference carries the job's uid, or the job has no uid at
+    all, like a ``jestctl run`` manifest), ``previous`` (owned by an earlier job of the same name: garbage
+    awaiting collection) or ``foreign`` (anything else holding the name)."""
+    if not job_uid:
+        return "ours"
+    owners = tuple(owners)
+    if any(uid == job_uid for _, uid in owners):
+        return "ours"
+    if any(name == job_name for name, _ in owners):
+        return "previous"
+    return "foreign"
+
+
+@dataclass(frozen=True)
+class ObservedChild:
+    """An existing ConfigMap or Service of the job (see :func:`observe_child`)."""
+
+    kind: str
+    name: str
+    owners: tuple[tuple[str, str], ...]
+    spec_hash: str | None
+    terminating: bool
+
+
+def observe_child(child: Mapping[str, Any]) -> ObservedChild:
+    """Reduce a ConfigMap/Service manifest to what the desired-state comparison needs."""
+    metadata = child.get("metadata") or {}
+    return ObservedChild(
+        kind=str(child.get("kind", "")),
+        name=str(metadata.get("name", "")),
+        owners=job_owners(metadata),
+        spec_hash=(metadata.get("annotations") or {}).get(ANNOTATION_SPEC_HASH),
+        terminating=bool(metadata.get("deletionTimestamp")),
+    )
 
 
 @dataclass(frozen=True)
@@ -140,22 +221,24 @@ class TrainerProgress:
 class Plan:
     """The outcome of one reconcile; ``handlers.py`` applies it in this order.
 
-    ``create``: child manifests to create (409 counts as success). ``delete_pods``: pod names to delete,
+    ``create``: child manifests to create (409 counts as success). ``update``: ConfigMap/Service manifests
+    whose stored copy drifted from them (patch them to this content). ``delete_pods``: pod names to delete,
     with ``delete_grace_seconds`` (None = the pod's own ``terminationGracePeriodSeconds``, so the trainer
-    can checkpoint on SIGTERM). ``spec_patch``: a merge patch of ``spec`` (energy-budget suspension).
+    can checkpoint on SIGTERM). ``delete_children``: ``(kind, name)`` of ConfigMaps/Services left by an
+    earlier job of the same name. ``spec_patch``: a merge patch of ``spec`` (energy-budget suspension).
     ``status``: the complete new status block (patch it only when it differs from the old one).
-    ``delete_job``: the TTL after finishing has passed. ``requeue_after``: seconds until a time-driven
-    transition (deadline, TTL) is due, for the caller's timer. ``restarted``: a gang restart began.
+    ``delete_job``: the TTL after finishing has passed. ``restarted``: a gang restart began.
     """
 
     status: dict[str, Any]
     create: tuple[dict, ...] = ()
+    update: tuple[dict, ...] = ()
     delete_pods: tuple[str, ...] = ()
     delete_grace_seconds: int | None = None
+    delete_children: tuple[tuple[str, str], ...] = ()
     events: tuple[EventSpec, ...] = ()
     spec_patch: dict[str, Any] | None = None
     delete_job: bool = False
-    requeue_after: float | None = None
     restarted: bool = False
 
 
@@ -181,6 +264,8 @@ def observe_pod(pod: Mapping[str, Any]) -> ObservedPod:
     The replica index comes from the ``jest.training/replica-index`` label (else -1: not a valid rank), the
     attempt from the ``jest.training/attempt`` annotation (else 0). ``ready`` is the pod's Ready condition;
     ``reason``/``message`` come from the pod status or, failing that, its first terminated container.
+    ``owners`` are its JESTTrainingJob owner references; ``disruption`` says why it is being evicted or
+    preempted (condition ``DisruptionTarget`` True, or reason Evicted/Preempted), else None.
     """
     metadata = pod.get("metadata") or {}
     status = pod.get("status") or {}
@@ -193,6 +278,13 @@ def observe_pod(pod: Mapping[str, Any]) -> ObservedPod:
     )
     reason = str(status.get("reason") or "")
     message = str(status.get("message") or "")
+    disruption: str | None = None
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == DISRUPTION_CONDITION and condition.get("status") == "True":
+            disruption = ": ".join(str(x) for x in (condition.get("reason"), condition.get("message")) if x) or (
+                DISRUPTION_CONDITION)
+    if disruption is None and reason in DISRUPTION_REASONS:
+        disruption = ": ".join(x for x in (reason, message) if x)
     if not reason and not message:
         for container in status.get("containerStatuses") or []:
             terminated = (container.get("state") or {}).get("terminated") or {}
@@ -209,6 +301,8 @@ def observe_pod(pod: Mapping[str, Any]) -> ObservedPod:
         terminating=bool(metadata.get("deletionTimestamp")),
         reason=reason,
         message=message,
+        owners=job_owners(metadata),
+        disruption=disruption,
     )
 
 
@@ -331,6 +425,7 @@ class _JobFacts:
     """The handful of spec fields the state machine reads (one place that knows the API's attribute names)."""
 
     name: str
+    uid: str | None
     generation: int | None
     num_nodes: int
     total_steps: int
@@ -351,6 +446,7 @@ class _JobFacts:
         energy = getattr(spec, "energy", None)
         return cls(
             name=job.metadata.name,
+            uid=getattr(job.metadata, "uid", None),
             generation=getattr(job.metadata, "generation", None),
             num_nodes=int(spec.num_nodes),
             total_steps=int(spec.training.steps),
@@ -374,7 +470,10 @@ class _Draft:
     now: dt.datetime
     events: list[EventSpec] = field(default_factory=list)
     create: list[dict] = field(default_factory=list)
+    update: list[dict] = field(default_factory=list)
     delete: list[str] = field(default_factory=list)
+    delete_children: list[tuple[str, str]] = field(default_factory=list)
+    grace: int | None = SHORT_GRACE_SECONDS
 
     def condition(self, type_: str, value: bool, reason: str, message: str) -> None:
         set_condition(self.status.setdefault("conditions", []), type_, value, reason, message, self.now)
@@ -400,18 +499,18 @@ def plan(
     now: dt.datetime,
     *,
     build_children: ChildBuilder | None = None,
-    existing_children: Iterable[str] | None = None,
+    existing_children: Iterable[Mapping[str, Any]] | None = None,
     previous_status: Mapping[str, Any] | None = None,
 ) -> Plan:
     """Decide the next step for one valid job (see the module docstring for the state machine).
 
     ``job`` is a parsed ``jest_operator.api.JESTTrainingJob`` whose ``status`` is the last written one;
-    ``observed_pods`` are the job's pod manifests (label-selected); ``progress`` is what the trainer
-    reported (None when unreachable). ``build_children`` defaults to ``jest_operator.builders.build_children``;
-    ``existing_children`` are the names of existing ConfigMaps/Services of the job (None = unknown, then the
-    ConfigMap and Service are always in ``create`` and their 409 counts as success).
-    ``previous_status`` overrides ``job.status`` (the handler passes the raw stored status, which may hold
-    fields this version's model would reject).
+    ``observed_pods`` are the pod manifests labelled with the job's name (ownership is decided here, by
+    uid); ``progress`` is what the trainer reported (None when unreachable). ``build_children`` defaults to
+    ``jest_operator.builders.build_children``; ``existing_children`` are the stored ConfigMap/Service
+    manifests labelled with the job's name (None = unknown: then both are in ``create``, a 409 counts as
+    success, and drift is not checked). ``previous_status`` overrides ``job.status`` (the handler passes
+    the raw stored status, which may hold fields this version's model would reject).
     """
     if build_children is None:
         from jest_operator.builders import build_children as default_builder
@@ -427,10 +526,16 @@ def plan(
     merge_progress(status, progress, total_steps=facts.total_steps, carbon_intensity=facts.carbon_intensity,
                    checkpoint_dir=facts.checkpoint_dir)
 
-    pods = sorted((observe_pod(p) for p in observed_pods), key=lambda p: (p.index, p.name))
+    everything = sorted((observe_pod(p) for p in observed_pods), key=lambda p: (p.index, p.name))
+    owner = {p: ownership(p.owners, facts.name, facts.uid) for p in everything}
+    pods = [p for p in everything if owner[p] == "ours"]
+    others = [p for p in everything if owner[p] != "ours"]
+    # Garbage of an earlier job with this name: never adopted or counted; removed (GC would, later).
+    draft.delete_pods(p for p in others if owner[p] == "previous")
     attempt = int(status.get("restarts") or 0)
     live = [p for p in pods if not p.terminating]
-    current = [p for p in live if p.attempt == attempt and 0 <= p.index < facts.num_nodes]
+    gang = [p for p in pods if p.attempt == attempt and 0 <= p.index < facts.num_nodes]
+    current = [p for p in gang if not p.terminating]
     stale = [p for p in live if p not in current]
     replicas = _replica_counts(current)
     status["replicas"] = {**replicas, "total": facts.num_nodes}
@@ -450,9 +555,10 @@ def plan(
         (status.get("energy") or {}).get("joules") or 0.0
     ) >= float(facts.budget_joules)
 
+    disrupted = [p for p in gang if p.disruption is not None]
     rank0 = next((p for p in current if p.index == 0), None)
     failed = [p for p in current if p.phase == "Failed"]
-    if rank0 is not None and rank0.phase == "Succeeded" and not failed:
+    if rank0 is not None and rank0.phase == "Succeeded" and not failed and not disrupted:
         return _finish(draft, facts, pods, PHASE_SUCCEEDED, REASON_SUCCEEDED, "rank 0 finished training")
 
     spec_patch: dict[str, Any] | None = None
@@ -469,19 +575,19 @@ def plan(
 
     if "startTime" not in status:
         status["startTime"] = format_time(now)
-    requeue_after: float | None = None
     if facts.active_deadline_seconds is not None:
         started = parse_time(status.get("startTime")) or now
-        remaining = facts.active_deadline_seconds - (now - started).total_seconds()
-        if remaining <= 0:
+        if (now - started).total_seconds() >= facts.active_deadline_seconds:
             message = f"the job was active longer than activeDeadlineSeconds ({facts.active_deadline_seconds} s)"
             draft.delete_pods(p for p in live if p.phase in ("Pending", "Running", "Unknown"))
             return _finish(draft, facts, pods, PHASE_FAILED, REASON_DEADLINE_EXCEEDED, message)
-        requeue_after = remaining
     if budget_spent and facts.on_budget_exceeded == "Fail":
         message = f"energy budget of {facts.budget_joules:.6g} J is spent"
         draft.delete_pods(p for p in live if p.phase in ("Pending", "Running", "Unknown"))
         return _finish(draft, facts, pods, PHASE_FAILED, REASON_ENERGY_BUDGET_EXCEEDED, message)
+
+    if disrupted:
+        return _disruption_restart(draft, facts, live, disrupted[0])
 
     present = {p.index for p in current}
     missing = [i for i in range(facts.num_nodes) if i not in present]
@@ -495,35 +601,41 @@ def plan(
         failure_message = f"pod {facts.name}-node-{missing[0]} (rank {missing[0]}) disappeared while the gang ran"
     if failure_message:
         restarts = int(status.get("restarts") or 0)
-        if restarts >= facts.backoff_limit:
+        failures = restarts - int(status.get("disruptions") or 0)
+        if failures >= facts.backoff_limit:
             message = f"{failure_message}; backoffLimit ({facts.backoff_limit}) reached"
             draft.delete_pods(stale)
             return _finish(draft, facts, pods, PHASE_FAILED, REASON_BACKOFF_LIMIT_EXCEEDED, message)
         draft.delete_pods(live)
         status["restarts"] = restarts + 1
         status["phase"] = PHASE_RESTARTING
-        message = f"{failure_message}; restarting the gang (restart {restarts + 1} of {facts.backoff_limit})"
+        message = (f"{failure_message}; restarting the gang (failure {failures + 1} of backoffLimit "
+                   f"{facts.backoff_limit})")
         draft.condition("Restarting", True, failure_reason, message)
         draft.condition("Running", False, REASON_RESTARTING, message)
         draft.event("Warning", REASON_RESTARTING, message)
-        return _result(draft, requeue_after, spec_patch=None, restarted=True)
+        return _result(draft, spec_patch=None, restarted=True)
 
-    # Normal progress: drop stale pods, create what is missing once its name is free.
+    # Normal progress: drop stale pods, bring the ConfigMap/Service to the desired state, and create the
+    # missing pods once no other pod holds any of the gang's names.
     draft.delete_pods(stale)
-    taken = {p.name for p in pods}
     desired = build_children(job, attempt=attempt)
-    existing = None if existing_children is None else set(existing_children)
+    blockers = _reconcile_children(draft, facts, desired, existing_children)
+    gang_names = {str((c.get("metadata") or {}).get("name")) for c in desired if c.get("kind") == "Pod"}
+    blockers += [f"pod {p.name} is {_holder(owner[p])}" for p in others if p.name in gang_names]
+    waiting_for_old_pods = any(p.name in gang_names for p in pods if p not in current)
     created_pods = 0
-    for child in desired:
-        kind = child.get("kind")
-        child_name = (child.get("metadata") or {}).get("name")
-        if kind == "Pod":
+    if missing and not blockers and not waiting_for_old_pods:
+        for child in desired:
+            if child.get("kind") != "Pod":
+                continue
             index = _as_int(((child.get("metadata") or {}).get("labels") or {}).get(LABEL_REPLICA_INDEX), -1)
-            if index in missing and child_name not in taken:
+            if index in missing:
                 draft.create.append(child)
                 created_pods += 1
-        elif existing is None or child_name not in existing:
-            draft.create.append(child)
+    if missing and blockers:
+        draft.condition("Created", False, REASON_NAME_IN_USE,
+                        f"waiting: {'; '.join(blockers)}; the worker pods are created once it is gone")
     if created_pods and not condition_is_true(status, "Created"):
         draft.condition("Created", True, REASON_CREATED, f"created {created_pods} worker pod(s)")
         draft.event("Normal", REASON_CREATED, f"created {created_pods} worker pod(s) for attempt {attempt}")
@@ -541,7 +653,68 @@ def plan(
         status["phase"] = PHASE_RESTARTING if phase == PHASE_RESTARTING else PHASE_PENDING
         if status["phase"] == PHASE_PENDING:
             draft.clear("Running", REASON_PODS_PENDING, f"{len(running)} of {facts.num_nodes} pod(s) running")
-    return _result(draft, requeue_after, spec_patch=None)
+    return _result(draft, spec_patch=None)
+
+
+def _holder(owner: Ownership) -> str:
+    if owner == "previous":
+        return "left by a deleted job of the same name (being removed)"
+    return "not owned by this job (another object holds the name)"
+
+
+def _reconcile_children(draft: _Draft, facts: _JobFacts, desired: list[dict],
+                        existing: Iterable[Mapping[str, Any]] | None) -> list[str]:
+    """Create, patch or wait for the ConfigMap and Service; returns why pods must wait (empty: they need not)."""
+    observed = None if existing is None else {
+        (child.kind, child.name): child for child in (observe_child(c) for c in existing)
+    }
+    blockers: list[str] = []
+    for child in desired:
+        kind = str(child.get("kind"))
+        if kind == "Pod":
+            continue
+        metadata = child.get("metadata") or {}
+        name = str(metadata.get("name"))
+        found = None if observed is None else observed.get((kind, name))
+        if found is None:
+            draft.create.append(child)
+            continue
+        owner = ownership(found.owners, facts.name, facts.uid)
+        if found.terminating:
+            blockers.append(f"{kind} {name} is being deleted")
+        elif owner == "ours":
+            if found.spec_hash != (metadata.get("annotations") or {}).get(ANNOTATION_SPEC_HASH):
+                draft.update.append(child)
+        else:
+            if owner == "previous":
+                draft.delete_children.append((kind, name))
+            blockers.append(f"{kind} {name} is {_holder(owner)}")
+    return blockers
+
+
+def _disruption_restart(draft: _Draft, facts: _JobFacts, live: list[ObservedPod], culprit: ObservedPod) -> Plan:
+    """An evicted/preempted pod: restart the gang, counted in ``disruptions``, never against backoffLimit.
+
+    The other pods keep their full grace period: the trainer agrees a SIGTERM stop across ranks, so the
+    gang writes one checkpoint together and the next attempt resumes from it.
+    """
+    status = draft.status
+    restarts = int(status.get("restarts") or 0)
+    disruptions = int(status.get("disruptions") or 0) + 1
+    draft.delete_pods(live)
+    draft.grace = None
+    status["restarts"] = restarts + 1
+    status["disruptions"] = disruptions
+    status["phase"] = PHASE_RESTARTING
+    message = (
+        f"pod {culprit.name} (rank {culprit.index}) was evicted or preempted ({culprit.disruption}); restarting "
+        f"the gang from its checkpoint (disruption {disruptions}, not counted against backoffLimit "
+        f"{facts.backoff_limit})"
+    )
+    draft.condition("Restarting", True, REASON_POD_DISRUPTED, message)
+    draft.condition("Running", False, REASON_RESTARTING, message)
+    draft.event("Warning", REASON_POD_DISRUPTED, message)
+    return _result(draft, spec_patch=None, restarted=True)
 
 
 def _failed_reason(status: Mapping[str, Any]) -> str | None:
@@ -582,9 +755,18 @@ def _energy_events(draft: _Draft, facts: _JobFacts, previous: Mapping[str, Any])
                     f"energy {after:.6g} J is over {ENERGY_WARNING_FRACTION:.0%} of the budget of {budget:.6g} J")
 
 
+def checkpoint_is_current(status: Mapping[str, Any]) -> bool:
+    """Whether the newest checkpoint holds the newest step the trainer reported (nothing left to save)."""
+    checkpoint = status.get("checkpoint") or {}
+    step = (status.get("progress") or {}).get("step")
+    return isinstance(step, int) and step > 0 and isinstance(checkpoint.get("step"), int) and (
+        checkpoint["step"] >= step)
+
+
 def _suspend(draft: _Draft, live: list[ObservedPod], reason: str, spec_patch: dict[str, Any] | None) -> Plan:
     status = draft.status
     draft.delete_pods(live)
+    draft.grace = SHORT_GRACE_SECONDS if checkpoint_is_current(status) else None
     was_suspended = condition_is_true(status, "Suspended")
     if not was_suspended:
         message = (
@@ -597,7 +779,7 @@ def _suspend(draft: _Draft, live: list[ObservedPod], reason: str, spec_patch: di
     status["phase"] = PHASE_SUSPENDED
     status.pop("startTime", None)
     draft.clear("Running", REASON_SUSPENDED, "the job is suspended")
-    return _result(draft, None, spec_patch=spec_patch)
+    return _result(draft, spec_patch=spec_patch)
 
 
 def _finish(
@@ -620,7 +802,7 @@ def _finish(
 
 
 def _finished(draft: _Draft, facts: _JobFacts, pods: list[ObservedPod]) -> Plan:
-    """A finished job: apply cleanPodPolicy, then the TTL."""
+    """A finished job: apply cleanPodPolicy (short grace: nothing resumes), then the TTL."""
     policy = facts.clean_pod_policy
     if policy == "All":
         draft.delete_pods(pods)
@@ -628,30 +810,26 @@ def _finished(draft: _Draft, facts: _JobFacts, pods: list[ObservedPod]) -> Plan:
         draft.delete_pods(p for p in pods if p.phase in ("Pending", "Running", "Unknown"))
     completed = parse_time(draft.status.get("completionTime")) or draft.now
     draft.status.setdefault("completionTime", format_time(completed))
-    requeue_after: float | None = None
     delete_job = False
-    if facts.ttl_seconds_after_finished is not None:
-        remaining = facts.ttl_seconds_after_finished - (draft.now - completed).total_seconds()
-        if remaining <= 0:
-            delete_job = True
-            draft.event("Normal", REASON_TTL_EXPIRED, f"deleting the job {facts.ttl_seconds_after_finished} s "
-                        "after it finished (ttlSecondsAfterFinished)")
-        else:
-            requeue_after = remaining
-    plan_ = _result(draft, requeue_after, spec_patch=None)
+    ttl = facts.ttl_seconds_after_finished
+    if ttl is not None and (draft.now - completed).total_seconds() >= ttl:
+        delete_job = True
+        draft.event("Normal", REASON_TTL_EXPIRED, f"deleting the job {ttl} s after it finished "
+                    "(ttlSecondsAfterFinished)")
+    plan_ = _result(draft, spec_patch=None)
     return Plan(**{**plan_.__dict__, "delete_job": delete_job})
 
 
-def _result(draft: _Draft, requeue_after: float | None, *, spec_patch: dict[str, Any] | None,
-            restarted: bool = False) -> Plan:
+def _result(draft: _Draft, *, spec_patch: dict[str, Any] | None, restarted: bool = False) -> Plan:
     return Plan(
         status=draft.status,
         create=tuple(draft.create),
+        update=tuple(draft.update),
         delete_pods=tuple(draft.delete),
-        delete_grace_seconds=None,
+        delete_grace_seconds=draft.grace if draft.delete else None,
+        delete_children=tuple(draft.delete_children),
         events=tuple(draft.events),
         spec_patch=spec_patch,
-        requeue_after=requeue_after,
         restarted=restarted,
     )
 
@@ -671,7 +849,7 @@ def invalid_spec_plan(previous_status: Any, *, field_path: str, message: str, ge
     if generation is not None:
         draft.status["observedGeneration"] = generation
     draft.condition("Failed", True, REASON_INVALID_SPEC, full_message)
-    return _result(draft, None, spec_patch=None)
+    return _result(draft, spec_patch=None)
 
 
 def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:

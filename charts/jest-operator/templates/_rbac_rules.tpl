@@ -13,12 +13,17 @@ has the table (resource -> verbs -> why).
 - apiGroups: ["jest.training"]
   resources: ["jesttrainingjobs/status"]
   verbs: ["get", "patch"]
+{{- /* Children carry ownerReferences with blockOwnerDeletion: true; OwnerReferencesPermissionEnforcement
+       admits that only for clients that may update the owner's finalizers. */}}
+- apiGroups: ["jest.training"]
+  resources: ["jesttrainingjobs/finalizers"]
+  verbs: ["update"]
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch", "create", "delete"]
 - apiGroups: [""]
   resources: ["services", "configmaps"]
-  verbs: ["get", "list", "create", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]

@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 from jest_operator.api import parse_job
-from jest_operator.builders import build_pod
+from jest_operator.builders import build_config_map, build_pod, build_service
 from jest_operator.handlers import decide, sanitize_status
 from jest_operator.status import (
     REASONS,
+    SHORT_GRACE_SECONDS,
     EventSpec,
     Plan,
     TrainerProgress,
@@ -68,10 +69,16 @@ def pod(index: int, phase: str, *, attempt: int = 0, ready: bool | None = None, 
     return manifest
 
 
+def stored_children(**job_kwargs: Any) -> list[dict]:
+    """The ConfigMap and Service as the builders make them (i.e. in sync with the spec)."""
+    parsed = job(**job_kwargs)
+    return [build_config_map(parsed), build_service(parsed)]
+
+
 def run(status: dict | None, pods: list[dict], *, progress: TrainerProgress | None = None, now: dt.datetime = NOW,
-        existing: set[str] | None = None, **job_kwargs: Any) -> Plan:
+        existing: list[dict] | None = None, **job_kwargs: Any) -> Plan:
     return plan(job(**job_kwargs), pods, progress, now, previous_status=status or {},
-                existing_children=existing if existing is not None else {"demo", "demo-config"})
+                existing_children=existing if existing is not None else stored_children(**job_kwargs))
 
 
 def reasons(result: Plan) -> list[str]:
@@ -94,7 +101,7 @@ def running_status(**extra: Any) -> dict:
 
 # ---------------------------------------------------------------------------------------------- creation
 def test_fresh_job_creates_config_map_service_and_one_pod_per_node():
-    result = run(None, [], existing=set())
+    result = run(None, [], existing=[])
     assert created_names(result) == ["demo-config", "demo", "demo-node-0", "demo-node-1"]
     assert result.status["phase"] == "Pending"
     assert result.status["startTime"] == format_time(NOW)
@@ -179,13 +186,12 @@ def test_finished_job_is_stable_and_creates_nothing():
 
 
 # ---------------------------------------------------------------------------------------------- TTL
-@pytest.mark.parametrize(("ttl", "age", "delete", "requeue"), [(60, 30, False, 30.0), (60, 61, True, None),
-                                                                 (0, 0, True, None)])
-def test_ttl_after_finished_deletes_the_job(ttl, age, delete, requeue):
+@pytest.mark.parametrize(("ttl", "age", "delete"), [(60, 30, False), (60, 59, False), (60, 60, True), (60, 61, True),
+                                                     (0, 0, True)])
+def test_ttl_after_finished_deletes_the_job(ttl, age, delete):
     done = run(running_status(), [pod(0, "Succeeded"), pod(1, "Succeeded")]).status
     result = run(done, [], now=NOW + dt.timedelta(seconds=age), run_policy={"ttlSecondsAfterFinished": ttl})
     assert result.delete_job is delete
-    assert result.requeue_after == requeue
     assert ("TTLExpired" in reasons(result)) is delete
 
 
@@ -210,9 +216,11 @@ def test_after_a_restart_old_pods_are_removed_then_the_new_attempt_is_created():
     waiting = run(restarting, [pod(0, "Running"), pod(1, "Failed")])
     assert set(waiting.delete_pods) == {"demo-node-0", "demo-node-1"}
     assert waiting.create == () and waiting.status["restarts"] == 1
-    # terminating pods block the names too
+    # a terminating pod blocks the WHOLE gang: no new rank may rendezvous with an old rank 0 shutting down
     blocked = run(restarting, [pod(0, "Running", terminating=True)])
-    assert created_names(blocked) == ["demo-node-1"]
+    assert blocked.create == ()
+    blocked = run(restarting, [pod(1, "Failed", terminating=True)])
+    assert blocked.create == ()
     # gone: the new gang is created with attempt 1
     fresh = run(restarting, [])
     assert created_names(fresh) == ["demo-node-0", "demo-node-1"]
@@ -302,8 +310,9 @@ def test_active_deadline(elapsed, failed):
     if failed:
         assert cond(result.status, "Failed")["reason"] == "DeadlineExceeded"
         assert set(result.delete_pods) == {"demo-node-0", "demo-node-1"}
+        assert result.delete_grace_seconds == SHORT_GRACE_SECONDS  # a failed job resumes nothing
     else:
-        assert result.requeue_after == pytest.approx(30)
+        assert result.delete_pods == () and result.status["phase"] == "Running"
 
 
 def test_deadline_stops_active_pods_even_with_clean_pod_policy_none():
@@ -484,3 +493,239 @@ def test_every_emitted_reason_is_a_stable_reason():
     for result in scenarios:
         for event in result.events:
             assert isinstance(event, EventSpec) and event.reason in REASONS
+
+
+# ---------------------------------------------------------------------------------------------- ownership (uid)
+def owned_by(manifest: dict, uid: str | None) -> dict:
+    """The manifest re-owned: by another job uid of the same name, or (None) by nothing at all."""
+    manifest = copy.deepcopy(manifest)
+    if uid is None:
+        manifest["metadata"].pop("ownerReferences", None)
+    else:
+        for ref in manifest["metadata"]["ownerReferences"]:
+            ref["uid"] = uid
+    return manifest
+
+
+def test_a_recreated_job_never_adopts_the_previous_jobs_pods():
+    old = [owned_by(pod(0, "Running"), "uid-0"), owned_by(pod(1, "Running"), "uid-0")]
+    result = run(None, old)
+    assert result.status["phase"] == "Pending"
+    assert result.status["replicas"]["active"] == 0 and result.status["nodes"] == "0/2"
+    assert set(result.delete_pods) == {"demo-node-0", "demo-node-1"}  # garbage of the deleted job
+    assert [c["kind"] for c in result.create] == []  # the names are still taken
+    created = cond(result.status, "Created")
+    assert created["status"] == "False" and created["reason"] == "NameInUse"
+    assert "demo-node-0 is left by a deleted job of the same name" in created["message"]
+    # while GC removes them: waiting, never a restart
+    terminating = [owned_by(pod(i, "Running", terminating=True), "uid-0") for i in (0, 1)]
+    waiting = run(result.status, terminating)
+    assert waiting.delete_pods == () and waiting.create == () and waiting.status["restarts"] == 0
+    # gone: this job's own gang, attempt 0
+    fresh = run(waiting.status, [])
+    assert created_names(fresh) == ["demo-node-0", "demo-node-1"]
+    assert cond(fresh.status, "Created")["reason"] == "Created"
+    assert fresh.status["restarts"] == 0
+
+
+def test_old_pods_vanishing_from_a_running_job_are_not_a_pod_missing():
+    """The emulator-era bug: adopted old pods made the job Running, their GC then burned a restart."""
+    status = running_status()
+    leftover = owned_by(pod(1, "Failed"), "uid-0")
+    leftover["metadata"]["name"] = "demo-node-3"  # a rank of an earlier, larger job of the same name
+    result = run(status, [pod(0, "Running"), pod(1, "Running"), leftover])
+    assert result.status["phase"] == "Running" and result.status["restarts"] == 0
+    assert result.delete_pods == ("demo-node-3",)
+    # and the job's own pods gone with only old ones left is a missing pod of THIS job, found by uid
+    old_only = run(status, [pod(0, "Running"), owned_by(pod(1, "Running"), "uid-0")])
+    assert cond(old_only.status, "Restarting")["reason"] == "PodMissing"
+
+
+def test_a_pod_of_another_owner_holding_a_name_is_left_alone_and_waited_for():
+    result = run(None, [owned_by(pod(1, "Running"), None)])
+    assert result.delete_pods == () and result.create == ()
+    assert "demo-node-1 is not owned by this job" in cond(result.status, "Created")["message"]
+    assert result.status["replicas"]["active"] == 0
+
+
+def test_a_job_without_uid_owns_everything_labelled_with_its_name():
+    manifest = body()
+    manifest["metadata"].pop("uid")
+    result = plan(parse_job(manifest), [owned_by(pod(0, "Running"), None), owned_by(pod(1, "Running"), "x")],
+                  None, NOW, previous_status={}, existing_children=stored_children())
+    assert result.status["phase"] == "Running"
+
+
+def test_invalid_spec_deletes_its_own_and_previous_pods_never_another_owners():
+    manifest = body(num_nodes=3)
+    pods = [pod(0, "Running"), owned_by(pod(1, "Running"), "uid-0"), owned_by(pod(1, "Running"), None)]
+    pods[2]["metadata"]["name"] = "demo-node-7"
+    outcome, result = decide(manifest, pods, existing_children=None, progress=None, now=NOW)
+    assert outcome == "invalid"
+    assert set(result.delete_pods) == {"demo-node-0", "demo-node-1"}
+
+
+# ---------------------------------------------------------------------------------------------- desired state
+def edited_training(**training: Any) -> dict:
+    return {"training": {"steps": 100, "selection": {"batchSize": 64, "chunks": 16}, **training}}
+
+
+def job_with(spec_update: dict) -> Any:
+    manifest = body()
+    manifest["spec"].update(spec_update)
+    return parse_job(manifest)
+
+
+@pytest.mark.parametrize(
+    ("stored", "expected_updates"),
+    [
+        ("in-sync", []),
+        ("old-config", ["ConfigMap"]),
+        ("no-hash", ["ConfigMap", "Service"]),  # objects written by an older operator
+    ],
+)
+def test_config_map_and_service_drift_is_patched_back(stored: str, expected_updates: list[str]):
+    edited = job_with(edited_training(steps=400, optimizer={"lr": 0.001}))
+    children = [build_config_map(edited), build_service(edited)]
+    if stored == "old-config":
+        children[0] = build_config_map(job())
+    elif stored == "no-hash":
+        for child in children:
+            child["metadata"]["annotations"].clear()
+    result = plan(edited, [pod(0, "Running"), pod(1, "Running")], None, NOW, previous_status=running_status(),
+                  existing_children=children)
+    assert [c["kind"] for c in result.update] == expected_updates
+    assert result.create == () and result.delete_pods == ()
+    if "ConfigMap" in expected_updates:
+        assert '"steps": 400' in result.update[0]["data"]["config.json"]
+    assert result.status["phase"] == "Running"  # the running gang is untouched: the next (re)start reads it
+
+
+def test_unknown_children_are_created_and_not_compared():
+    result = plan(job(), [], None, NOW, previous_status={})
+    assert [c["kind"] for c in result.create] == ["ConfigMap", "Service", "Pod", "Pod"]
+    assert result.update == ()
+
+
+@pytest.mark.parametrize(
+    ("owner", "terminating", "deleted", "message"),
+    [
+        ("uid-0", False, [("ConfigMap", "demo-config")], "ConfigMap demo-config is left by a deleted job"),
+        (None, False, [], "ConfigMap demo-config is not owned by this job"),
+        ("uid-1", True, [], "ConfigMap demo-config is being deleted"),
+    ],
+)
+def test_a_config_map_not_ours_blocks_the_pods(owner, terminating, deleted, message):
+    config_map = owned_by(build_config_map(job()), owner)
+    if terminating:
+        config_map["metadata"]["deletionTimestamp"] = format_time(NOW)
+    result = run(None, [], existing=[config_map, build_service(job())])
+    assert list(result.delete_children) == deleted
+    assert [c["kind"] for c in result.create] == []  # a pod must never mount another job's config
+    assert message in cond(result.status, "Created")["message"]
+
+
+# ---------------------------------------------------------------------------------------------- disruptions
+def disrupted(index: int, *, phase: str = "Running", terminating: bool = True, attempt: int = 0,
+              reason: str = "EvictionByEvictionAPI") -> dict:
+    manifest = pod(index, phase, attempt=attempt, terminating=terminating)
+    manifest["status"]["conditions"].append(
+        {"type": "DisruptionTarget", "status": "True", "reason": reason, "message": "Eviction API: evicting"})
+    return manifest
+
+
+def test_an_evicted_pod_restarts_the_gang_without_counting_against_backoff_limit():
+    result = run(running_status(), [pod(0, "Running"), disrupted(1)], run_policy={"backoffLimit": 0})
+    assert result.status["phase"] == "Restarting"
+    assert result.status["restarts"] == 1 and result.status["disruptions"] == 1
+    assert result.restarted is True
+    assert result.delete_pods == ("demo-node-0",)  # the evicted one is already terminating
+    assert result.delete_grace_seconds is None  # full grace: the gang checkpoints together on SIGTERM
+    restarting = cond(result.status, "Restarting")
+    assert restarting["reason"] == "PodDisrupted"
+    assert "demo-node-1 (rank 1) was evicted or preempted (EvictionByEvictionAPI: Eviction API: evicting)" in (
+        restarting["message"])
+    assert "not counted against backoffLimit" in restarting["message"]
+    assert reasons(result) == ["PodDisrupted"]
+
+
+@pytest.mark.parametrize(
+    ("manifest", "why"),
+    [
+        (disrupted(1, reason="PreemptionByScheduler"), "PreemptionByScheduler"),
+        (disrupted(1, phase="Failed", terminating=False, reason="TerminationByKubelet"), "TerminationByKubelet"),
+        (pod(1, "Failed", reason="Evicted", message="The node was low on resource: memory."), "Evicted: The node"),
+    ],
+)
+def test_every_kind_of_disruption_is_recognised(manifest: dict, why: str):
+    result = run(running_status(), [pod(0, "Running"), manifest], run_policy={"backoffLimit": 0})
+    assert result.status["phase"] == "Restarting" and result.status["disruptions"] == 1
+    assert why in cond(result.status, "Restarting")["message"]
+
+
+def test_rank0_exiting_after_a_disruption_is_not_success():
+    """The trainer stops every rank (exit 0) when one gets SIGTERM: that is not the end of training."""
+    result = run(running_status(), [pod(0, "Succeeded"), disrupted(1)])
+    assert result.status["phase"] == "Restarting"
+    assert cond(result.status, "Succeeded") is None
+
+
+def test_disruptions_do_not_use_up_the_backoff_limit():
+    status = running_status(restarts=2, disruptions=2)
+    pods = [pod(0, "Running", attempt=2), pod(1, "Failed", attempt=2, reason="Error")]
+    result = run(status, pods, run_policy={"backoffLimit": 1})
+    assert result.status["phase"] == "Restarting" and result.status["restarts"] == 3
+    assert result.status["disruptions"] == 2
+    assert "failure 1 of backoffLimit 1" in cond(result.status, "Restarting")["message"]
+    status = result.status | {"phase": "Running"}
+    again = run(status, [pod(0, "Running", attempt=3), pod(1, "Failed", attempt=3)], run_policy={"backoffLimit": 1})
+    assert again.status["phase"] == "Failed"
+    assert cond(again.status, "Failed")["reason"] == "BackoffLimitExceeded"
+
+
+def test_a_disruption_of_an_old_attempt_or_of_another_job_is_ignored():
+    status = running_status(restarts=1)
+    pods = [pod(0, "Running", attempt=1), pod(1, "Running", attempt=1), disrupted(0, attempt=0)]
+    assert run(status, pods).status["phase"] == "Running"
+    pods = [pod(0, "Running"), pod(1, "Running")]
+    foreign = owned_by(disrupted(1), "uid-0")
+    foreign["metadata"]["name"] = "demo-node-5"
+    assert run(running_status(), [*pods, foreign]).status.get("disruptions", 0) == 0
+
+
+def test_suspension_during_a_disruption_suspends():
+    result = run(running_status(), [pod(0, "Running"), disrupted(1)], run_policy={"suspend": True})
+    assert result.status["phase"] == "Suspended" and result.status.get("disruptions", 0) == 0
+
+
+# ---------------------------------------------------------------------------------------------- deletion grace
+def checkpointed(step: int, checkpoint_step: int) -> TrainerProgress:
+    return TrainerProgress(step=step, checkpoint_step=checkpoint_step, checkpoint_path=f"/c/ckpt-{checkpoint_step}")
+
+
+@pytest.mark.parametrize(
+    ("case", "grace"),
+    [
+        ("failure-restart", SHORT_GRACE_SECONDS),  # the collective is broken: the survivors cannot checkpoint
+        ("disruption-restart", None),
+        ("suspend-unsaved", None),  # the trainer checkpoints on SIGTERM within its own grace
+        ("suspend-saved", SHORT_GRACE_SECONDS),  # the newest step is already on disk
+        ("finished-cleanup", SHORT_GRACE_SECONDS),
+        ("stale-pods", SHORT_GRACE_SECONDS),
+    ],
+)
+def test_deletion_grace(case: str, grace: int | None):
+    running = [pod(0, "Running"), pod(1, "Running")]
+    results = {
+        "failure-restart": lambda: run(running_status(), [pod(0, "Running"), pod(1, "Failed")]),
+        "disruption-restart": lambda: run(running_status(), [pod(0, "Running"), disrupted(1)]),
+        "suspend-unsaved": lambda: run(running_status(), running, progress=checkpointed(12, 10),
+                                       run_policy={"suspend": True}),
+        "suspend-saved": lambda: run(running_status(), running, progress=checkpointed(10, 10),
+                                     run_policy={"suspend": True}),
+        "finished-cleanup": lambda: run(running_status(), [pod(0, "Succeeded"), pod(1, "Running")]),
+        "stale-pods": lambda: run(running_status(restarts=1), [pod(0, "Running"), pod(1, "Running")]),
+    }
+    result = results[case]()
+    assert result.delete_pods, case
+    assert result.delete_grace_seconds == grace
