@@ -409,3 +409,21 @@ def test_any_valid_job_builds_valid_objects(spec: dict[str, Any], name: str, att
     for pod in pods:
         assert restricted_profile_violations(pod) == []
         assert len(pod["spec"]["hostname"]) <= 63
+
+
+def test_spec_hash_tracks_content_only() -> None:
+    """ConfigMap/Service carry a digest of their content: it changes with spec.training, not with noise."""
+    from jest_operator.api import ANNOTATION_SPEC_HASH
+
+    base = job_of({"numNodes": 2})
+    edited = job_of({"numNodes": 2, "training": {"steps": 12345}})
+
+    def digest(child: dict[str, Any]) -> str:
+        return child["metadata"]["annotations"][ANNOTATION_SPEC_HASH]
+
+    assert digest(builders.build_config_map(base)) != digest(builders.build_config_map(edited))
+    assert digest(builders.build_service(base)) == digest(builders.build_service(edited))
+    config_map = builders.build_config_map(base)
+    stored = {**config_map, "metadata": {**config_map["metadata"], "resourceVersion": "7", "uid": "u",
+                                         "annotations": {"other": "x"}}}
+    assert builders.spec_hash(stored) == digest(config_map)
