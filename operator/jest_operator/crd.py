@@ -331,6 +331,22 @@ def _attach_rules(schema: dict[str, Any]) -> None:
         node["x-kubernetes-validations"] = copy.deepcopy(rules)
 
 
+def _materialise_object_defaults(schema: dict[str, Any]) -> None:
+    """Replace each nested object's ``default: {}`` by the object its own defaults produce, bottom-up.
+
+    kube-apiserver validates a default against the node's CEL rules without defaulting inside it first,
+    so ``default: {}`` on ``selection`` fails ``batchSize % chunks`` with "no such key"; the materialised
+    default (``{method: jest, filterRatio: 0.8, ...}``) is what structural defaulting yields anyway.
+    """
+    for child in schema.get("properties", {}).values():
+        _materialise_object_defaults(child)
+    if isinstance(schema.get("items"), dict):
+        _materialise_object_defaults(schema["items"])
+    if schema.get("default") == {} and schema.get("type") == "object" and schema.get("properties"):
+        bare = {key: value for key, value in schema.items() if key != "default"}
+        schema["default"] = apply_defaults(bare, {})
+
+
 def build_crd() -> dict[str, Any]:
     """The complete apiextensions.k8s.io/v1 CustomResourceDefinition of JESTTrainingJob."""
     spec_schema = model_schema(JESTTrainingJobSpec)
@@ -353,6 +369,7 @@ def build_crd() -> dict[str, Any]:
         "required": ["spec"],
     }
     _attach_rules(root)
+    _materialise_object_defaults(root)
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
