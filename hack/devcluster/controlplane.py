@@ -41,6 +41,7 @@ SERVICE_CIDR = "10.96.0.0/16"
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
 ADMIN_USER = "jest-admin"
 KCM_USER = "system:kube-controller-manager"
+FRONT_PROXY_CN = "front-proxy-client"
 STATE_FILE = "pids.json"
 
 # The controllers a Deployment-to-Pod flow, namespaces, ServiceAccounts and garbage collection need.
@@ -136,27 +137,38 @@ def _openssl(*args: str, cwd: Path) -> None:
         raise ControlPlaneError(f"openssl {' '.join(args[:2])} failed: {proc.stderr.strip()}")
 
 
+def _new_ca(pki: Path, name: str, cn: str) -> None:
+    _openssl("genrsa", "-out", f"{name}.key", "2048", cwd=pki)
+    _openssl("req", "-x509", "-new", "-key", f"{name}.key", "-sha256", "-days", "3650", "-subj", f"/CN={cn}",
+             "-out", f"{name}.crt", cwd=pki)
+
+
+def _new_cert(pki: Path, name: str, cn: str, ca: str, ext: str) -> None:
+    _openssl("genrsa", "-out", f"{name}.key", "2048", cwd=pki)
+    _openssl("req", "-new", "-key", f"{name}.key", "-subj", f"/CN={cn}", "-out", f"{name}.csr", cwd=pki)
+    (pki / f"{name}.ext").write_text(ext)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
+             "-days", "3650", "-sha256", "-extfile", f"{name}.ext", "-out", f"{name}.crt", cwd=pki)
+
+
 def generate_pki(pki: Path) -> None:
-    """Write a CA, the API server's serving certificate and the service-account key pair into ``pki``.
+    """Write the cluster CA, the API server's serving certificate, the front-proxy CA and client
+    certificate (the aggregation layer's request-header authentication) and the service-account key pair.
 
     Uses the openssl CLI (present on Debian) so no Python crypto dependency is needed. The serving
     certificate covers 127.0.0.1, localhost and the in-cluster names, so in-cluster clients whose
     KUBERNETES_SERVICE_HOST points at 127.0.0.1 verify it with the kube-root-ca.crt bundle.
     """
     pki.mkdir(parents=True, exist_ok=True)
-    _openssl("genrsa", "-out", "ca.key", "2048", cwd=pki)
-    _openssl("req", "-x509", "-new", "-key", "ca.key", "-sha256", "-days", "3650", "-subj", "/CN=jest-devcluster-ca",
-             "-out", "ca.crt", cwd=pki)
-    _openssl("genrsa", "-out", "apiserver.key", "2048", cwd=pki)
-    _openssl("req", "-new", "-key", "apiserver.key", "-subj", "/CN=kube-apiserver", "-out", "apiserver.csr", cwd=pki)
+    _new_ca(pki, "ca", "jest-devcluster-ca")
     sans = ["IP:127.0.0.1", "IP:10.96.0.1", "DNS:localhost", "DNS:kubernetes", "DNS:kubernetes.default",
             "DNS:kubernetes.default.svc", "DNS:kubernetes.default.svc.cluster.local"]
-    (pki / "apiserver.ext").write_text(
-        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
-        f"extendedKeyUsage=serverAuth\nsubjectAltName={','.join(sans)}\n"
-    )
-    _openssl("x509", "-req", "-in", "apiserver.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-             "-days", "3650", "-sha256", "-extfile", "apiserver.ext", "-out", "apiserver.crt", cwd=pki)
+    _new_cert(pki, "apiserver", "kube-apiserver", "ca",
+              "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+              f"extendedKeyUsage=serverAuth\nsubjectAltName={','.join(sans)}\n")
+    _new_ca(pki, "front-proxy-ca", "jest-devcluster-front-proxy-ca")
+    _new_cert(pki, "front-proxy-client", FRONT_PROXY_CN, "front-proxy-ca",
+              "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n")
     _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
     _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
 
@@ -390,10 +402,27 @@ def start_control_plane(workdir: Path, *, bin_dir: Path | None = None, node_agen
     already started is stopped before the error propagates, so a failed start leaks nothing.
     ``die_with_parent=True`` (the test fixture) makes the kernel kill each process if this Python process
     dies; ``make cluster-up`` leaves it False because its processes must outlive the command.
+    Ports are picked free just before use; if another process takes one first (the component logs
+    "address already in use") the start is retried with fresh ports, up to three times.
     """
     workdir = Path(workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
     bin_dir = bin_dir or ensure_binaries()
+    for attempt in range(3):
+        if attempt:
+            for stale in ("etcd", "pki", "logs"):
+                shutil.rmtree(workdir / stale, ignore_errors=True)
+        try:
+            return _start_once(workdir, bin_dir, node_agent=node_agent, die_with_parent=die_with_parent,
+                               timeout=timeout)
+        except ControlPlaneError as err:
+            if "address already in use" not in str(err) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_once(workdir: Path, bin_dir: Path, *, node_agent: bool, die_with_parent: bool,
+                timeout: float) -> ControlPlane:
+    workdir.mkdir(parents=True, exist_ok=True)
     pki = workdir / "pki"
     generate_pki(pki)
     ports = {"etcd": free_port(), "etcd-peer": free_port(), "apiserver": free_port(), "kcm": free_port()}
@@ -408,7 +437,7 @@ def start_control_plane(workdir: Path, *, bin_dir: Path | None = None, node_agen
     kubeconfig.write_text(render_kubeconfig(server, ca_pem, ADMIN_USER, admin_token))
     kcm_kubeconfig = pki / "kcm.kubeconfig"
     kcm_kubeconfig.write_text(render_kubeconfig(server, ca_pem, KCM_USER, kcm_token))
-    for path in (pki / "tokens.csv", kubeconfig, kcm_kubeconfig, pki / "ca.key", pki / "sa.key"):
+    for path in (pki / "tokens.csv", kubeconfig, kcm_kubeconfig, *pki.glob("*.key")):
         path.chmod(0o600)
     cp = ControlPlane(workdir=workdir, server=server, ca_path=pki / "ca.crt", token=admin_token,
                       kubeconfig=kubeconfig, ports=ports, die_with_parent=die_with_parent)
@@ -456,6 +485,11 @@ def _start_apiserver(cp: ControlPlane, bin_dir: Path, timeout: float) -> None:
         f"--service-account-issuer={SA_ISSUER}", f"--service-account-key-file={pki / 'sa.pub'}",
         f"--service-account-signing-key-file={pki / 'sa.key'}",
         f"--service-cluster-ip-range={SERVICE_CIDR}",
+        f"--requestheader-client-ca-file={pki / 'front-proxy-ca.crt'}",
+        f"--requestheader-allowed-names={FRONT_PROXY_CN}", "--requestheader-username-headers=X-Remote-User",
+        "--requestheader-group-headers=X-Remote-Group", "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+        f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
+        f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
         "--authorization-mode=Node,RBAC", f"--enable-admission-plugins={','.join(ADMISSION_PLUGINS)}",
         "--allow-privileged=true", "--profiling=false", f"--cert-dir={pki}",
         "--endpoint-reconciler-type=none", "--v=1",
