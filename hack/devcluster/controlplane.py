@@ -166,6 +166,10 @@ def generate_pki(pki: Path) -> None:
     _new_cert(pki, "apiserver", "kube-apiserver", "ca",
               "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
               f"extendedKeyUsage=serverAuth\nsubjectAltName={','.join(sans)}\n")
+    # The API server's client certificate towards kubelets (logs, exec): a node agent serving the kubelet
+    # port can require it, signed by the cluster CA.
+    _new_cert(pki, "apiserver-kubelet-client", "kube-apiserver-kubelet-client", "ca",
+              "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n")
     _new_ca(pki, "front-proxy-ca", "jest-devcluster-front-proxy-ca")
     _new_cert(pki, "front-proxy-client", FRONT_PROXY_CN, "front-proxy-ca",
               "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n")
@@ -490,6 +494,10 @@ def _start_apiserver(cp: ControlPlane, bin_dir: Path, timeout: float) -> None:
         "--requestheader-group-headers=X-Remote-Group", "--requestheader-extra-headers-prefix=X-Remote-Extra-",
         f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
         f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
+        # Reach a node at its InternalIP (127.0.0.1): its name resolves nowhere, and DNS must stay local.
+        "--kubelet-preferred-address-types=InternalIP",
+        f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
+        f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
         "--authorization-mode=Node,RBAC", f"--enable-admission-plugins={','.join(ADMISSION_PLUGINS)}",
         "--allow-privileged=true", "--profiling=false", f"--cert-dir={pki}",
         "--endpoint-reconciler-type=none", "--v=1",
