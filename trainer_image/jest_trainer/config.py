@@ -52,6 +52,34 @@ class ModelConfig(ApiModel):
         None,
         description="Optional local path of pretrained weights (an open_clip or jest checkpoint file).",
     )
+    image_size: int | None = Field(
+        None,
+        ge=4,
+        le=4096,
+        description="Square input side in pixels that WebDataset images are resized and cropped to. Built-in "
+        "towers default to 64; open_clip architectures use their own size (set it only to that value). The "
+        "digits demo ignores it (its images are 8x8).",
+    )
+    image_mean: list[float] | None = Field(
+        None,
+        min_length=3,
+        max_length=3,
+        description="Per-channel (RGB) mean subtracted from decoded images in [0, 1]; defaults to the "
+        "architecture's own (open_clip) or the OpenAI CLIP constants (built-in towers).",
+    )
+    image_std: list[float] | None = Field(
+        None,
+        min_length=3,
+        max_length=3,
+        description="Per-channel (RGB) standard deviation dividing decoded images; defaults like imageMean.",
+    )
+
+    @model_validator(mode="after")
+    def _normalisation_in_range(self) -> ModelConfig:
+        for name, values, low in (("imageMean", self.image_mean, -10.0), ("imageStd", self.image_std, 1e-6)):
+            if values is not None and not all(low <= value <= 10.0 for value in values):
+                raise ValueError(f"model.{name}: every value must lie in [{low:g}, 10], got {values}")
+        return self
 
 
 class ReferenceTrainConfig(ApiModel):
@@ -75,11 +103,29 @@ class ReferenceConfig(ApiModel):
         None, description="Train the reference on curated data first (ignored when checkpoint is set)."
     )
     model: ModelConfig | None = Field(None, description="Reference architecture; defaults to the learner's.")
+    mode: Literal["online", "precomputed"] = Field(
+        "online",
+        description="'online': the frozen reference embeds each super-batch (no grad; bf16 on CUDA). "
+        "'precomputed': training joins the per-sample embeddings `jestctl score` wrote (embeddingsUrls) "
+        "by __key__, so steps spend no reference forward FLOPs.",
+    )
+    embeddings_urls: str | None = Field(
+        None,
+        description="Sidecar shards of reference embeddings written by `jestctl score` (mode=precomputed).",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ReferenceConfig:
         if self.checkpoint is None and self.train is None:
             self.train = ReferenceTrainConfig()
+        if self.mode == "precomputed":
+            if not self.embeddings_urls:
+                raise ValueError("reference.embeddingsUrls is required when reference.mode is 'precomputed'")
+            if not self.checkpoint:
+                raise ValueError(
+                    "reference.checkpoint is required when reference.mode is 'precomputed' (the reference.pt "
+                    "`jestctl score` wrote next to the embeddings, so t* and b* match them)"
+                )
         return self
 
 
@@ -112,7 +158,46 @@ class DataConfig(ApiModel):
         None, description="WebDataset shard pattern, e.g. '/data/pool-{000000..000099}.tar'."
     )
     eval_urls: str | None = Field(None, description="WebDataset shards for zero-shot evaluation.")
+    eval_max_samples: int = Field(
+        10_000, ge=1, le=10_000_000, description="At most this many eval samples are decoded and held in memory."
+    )
     noise: NoiseConfig = Field(default_factory=NoiseConfig, description="Noise mix of the digits pool.")
+    loader_workers: int = Field(
+        2,
+        ge=0,
+        le=64,
+        description="DataLoader worker processes per rank that read, decode, preprocess and tokenize shards "
+        "(0 = in the training process). Each worker reads its own share of the shards, so a resumed run "
+        "must keep the same value.",
+    )
+    prefetch: int = Field(2, ge=1, le=64, description="Super-batches each loader worker prepares ahead.")
+    shuffle_buffer: int = Field(
+        1000,
+        ge=0,
+        le=1_000_000,
+        description="Samples each loader worker holds (undecoded) to shuffle the shard stream (0 = shard order).",
+    )
+    max_skip_fraction: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="The run fails once more than this fraction of the samples read was skipped as broken "
+        "(undecodable image, missing or empty caption, truncated tar member, unreadable shard).",
+    )
+    random_resized_crop: bool = Field(
+        False,
+        description="Training images get a random resized crop (seeded per sample, so resume is exact) "
+        "instead of resize + centre crop.",
+    )
+    crop_min_scale: float = Field(
+        0.9, gt=0, le=1, description="Smallest crop area fraction of randomResizedCrop (open_clip's default)."
+    )
+    read_retries: int = Field(
+        3, ge=0, le=20, description="Retries of a remote shard read that failed (exponential backoff)."
+    )
+    retry_backoff_seconds: float = Field(
+        1.0, ge=0, le=300, description="Wait before the first retry; doubled on each further retry."
+    )
 
     @model_validator(mode="after")
     def _urls_for_webdataset(self) -> DataConfig:

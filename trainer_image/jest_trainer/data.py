@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -44,6 +45,20 @@ from PIL import Image
 from torch import Tensor
 
 from jest_trainer.config import NoiseConfig, TrainingConfig
+from jest_trainer.stream import (
+    DataQualityError,
+    EvalReader,
+    ImageTransformLike,
+    ShardStream,
+    StreamSpec,
+    SuperBatch,
+    TableStream,
+    Tokenizer,
+    TrainStream,
+    check_skip_fraction,
+    mixed_seed,
+    skip_summary,
+)
 
 NOISE_KINDS: tuple[str, ...] = ("clean", "wrong", "junk", "duplicate")
 UNKNOWN_NOISE = "unknown"  # noise kind of WebDataset samples without a ``.noise`` field
@@ -72,6 +87,7 @@ DUPLICATE_NOISE_STD = 0.02
 DUPLICATES_PER_SOURCE = 64
 IMAGE_EXTENSIONS: tuple[str, ...] = ("png", "jpg", "jpeg", "webp")
 CLASS_PROMPTS_FILE = "class_prompts.json"
+log = logging.getLogger("jest_trainer.data")
 
 
 @dataclass
@@ -567,18 +583,240 @@ def load_training_data(cfg: TrainingConfig) -> DigitsDemo:
     return DigitsDemo(pool=pool, curated=curated, test=test, class_prompts=_class_prompts_for(cfg.data.eval_urls, test))
 
 
+
+# --------------------------------------------------------------------------------------------------
+# Streaming interface (what the training loop consumes): train / curated streams and a bounded eval set
+# --------------------------------------------------------------------------------------------------
+
+DIGITS_IMAGE_SHAPE: tuple[int, int, int] = (1, 8, 8)
+
+
+def model_input_shape(cfg: TrainingConfig) -> tuple[int, int, int]:
+    """``(C, H, W)`` of the images the streams deliver: digits ``(1, 8, 8)``, else preprocessing's ``(3, S, S)``."""
+    if cfg.data.source == "digits":
+        return DIGITS_IMAGE_SHAPE
+    from jest_trainer.preprocess import preprocess_spec
+
+    return preprocess_spec(cfg.model).image_shape
+
+
+def _stream_spec(cfg: TrainingConfig, urls: str, field: str, *, seed: int, rank: int, world_size: int,
+                 batch_size: int) -> StreamSpec:  # fmt: skip
+    from jest_trainer.shards import resolve_shards
+
+    return StreamSpec(
+        shards=tuple(resolve_shards(urls, field=field)),
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        readers_per_rank=max(1, cfg.data.loader_workers),
+        batch_size=batch_size,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        read_retries=cfg.data.read_retries,
+        retry_backoff_seconds=cfg.data.retry_backoff_seconds,
+        field=field,
+    )
+
+
+def _shard_stream(cfg: TrainingConfig, spec: StreamSpec, transform: ImageTransformLike, tokenizer: Tokenizer,
+                  pin_memory: bool) -> ShardStream:  # fmt: skip
+    return ShardStream(
+        spec,
+        transform=transform,
+        tokenizer=tokenizer,
+        loader_workers=cfg.data.loader_workers,
+        prefetch=cfg.data.prefetch,
+        pin_memory=pin_memory,
+        max_skip_fraction=cfg.data.max_skip_fraction,
+    )
+
+
+def open_train_stream(
+    cfg: TrainingConfig,
+    *,
+    rank: int,
+    world_size: int,
+    local_super_batch: int,
+    transform: ImageTransformLike,
+    tokenizer: Tokenizer,
+    pin_memory: bool = False,
+) -> TrainStream:
+    """This rank's infinite stream of ``local_super_batch``-row super-batches of the training pool.
+
+    ``digits`` -> ``TableStream`` over the digits pool (``transform`` unused); ``webdataset`` ->
+    ``ShardStream`` over ``data.urls`` (resolved here: a pattern naming no shard raises ``ValueError``
+    before any worker starts). ``transform`` and ``tokenizer`` must be picklable (loader workers).
+    """
+    if cfg.data.source == "digits":
+        pool = load_digits_demo(cfg.data.noise, seed=cfg.seed).pool
+        return TableStream(pool, tokenizer, rank=rank, world_size=world_size, seed=cfg.seed,
+                           batch_size=local_super_batch, key_prefix="digits")  # fmt: skip
+    if not cfg.data.urls:
+        raise ValueError("data.urls: required when data.source is 'webdataset'")
+    spec = _stream_spec(cfg, cfg.data.urls, "data.urls", seed=cfg.seed, rank=rank, world_size=world_size,
+                        batch_size=local_super_batch)  # fmt: skip
+    return _shard_stream(cfg, spec, transform, tokenizer, pin_memory)
+
+
+CURATED_SEED_SALT = 0xC0A7ED
+
+
+def open_curated_stream(
+    cfg: TrainingConfig,
+    *,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    transform: ImageTransformLike,
+    tokenizer: Tokenizer,
+    pin_memory: bool = False,
+) -> TrainStream | None:
+    """The curated stream the reference trains on, or None when the reference comes from a checkpoint.
+
+    ``digits`` -> ``TableStream`` over the curated split (keys ``curated-<row>``); ``webdataset`` ->
+    ``ShardStream`` over ``reference.train.urls`` (seeded apart from the pool stream).
+    """
+    if cfg.reference.checkpoint is not None:
+        return None
+    if cfg.data.source == "digits":
+        curated = load_digits_demo(cfg.data.noise, seed=cfg.seed).curated
+        return TableStream(curated, tokenizer, rank=rank, world_size=world_size, seed=cfg.seed,
+                           batch_size=batch_size, key_prefix="curated")  # fmt: skip
+    urls = cfg.reference.train.urls if cfg.reference.train is not None else None
+    if not urls:
+        raise ValueError(
+            "reference.train.urls: required when data.source is 'webdataset' and the reference is trained "
+            "(or set reference.checkpoint)"
+        )
+    spec = _stream_spec(cfg, urls, "reference.train.urls", seed=mixed_seed(cfg.seed, CURATED_SEED_SALT) % (2**31),
+                        rank=rank, world_size=world_size, batch_size=batch_size)  # fmt: skip
+    return _shard_stream(cfg, spec, transform, tokenizer, pin_memory)
+
+
+@dataclass
+class EvalSet:
+    """A bounded evaluation set, decoded and preprocessed like training images.
+
+    ``labels`` are -1 where the shards carry no ``cls``; ``class_prompts`` is None when no class
+    prompts exist (then only retrieval metrics apply). ``skipped`` counts broken samples by reason.
+    """
+
+    images: Tensor
+    tokens: Tensor
+    captions: list[str]
+    keys: list[str]
+    labels: Tensor
+    class_prompts: list[list[str]] | None
+    skipped: dict[str, int]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def has_labels(self) -> bool:
+        """True when at least one sample has a class label."""
+        return bool((self.labels >= 0).any())
+
+
+def _prompts_file(first_url: str) -> list[list[str]] | None:
+    from jest_trainer.shards import url_scheme
+
+    if url_scheme(first_url) != "file":
+        return None
+    candidate = Path(first_url.removeprefix("file://")).parent / CLASS_PROMPTS_FILE
+    if not candidate.is_file():
+        return None
+    prompts = json.loads(candidate.read_text())
+    if not (isinstance(prompts, list) and prompts and all(isinstance(p, list) and p for p in prompts)):
+        raise ValueError(f"{candidate}: expected a non-empty list of non-empty lists of prompts")
+    return [[str(text) for text in texts] for texts in prompts]
+
+
+def _prompts_from_labels(captions: Sequence[str], labels: Sequence[int]) -> list[list[str]] | None:
+    """Each class's distinct captions (sorted); None when no label is known or some class has no caption."""
+    known = [label for label in labels if label >= 0]
+    if not known:
+        return None
+    prompts: list[set[str]] = [set() for _ in range(max(known) + 1)]
+    for text, label in zip(captions, labels, strict=True):
+        if label >= 0:
+            prompts[label].add(text)
+    if any(not texts for texts in prompts):
+        log.warning("data.evalUrls: some class ids have no caption in the eval set; no zero-shot class prompts")
+        return None
+    return [sorted(texts) for texts in prompts]
+
+
+def load_eval_set(
+    cfg: TrainingConfig,
+    *,
+    transform: ImageTransformLike,
+    tokenizer: Tokenizer,
+    max_samples: int | None = None,
+) -> EvalSet:
+    """At most ``max_samples`` (default ``data.evalMaxSamples``) eval pairs, in shard order, with class prompts.
+
+    ``digits`` -> the digits test split (prompts: every caption variant of each digit). ``webdataset``
+    -> ``data.evalUrls`` read in this process, broken samples skipped and counted; class prompts from
+    ``class_prompts.json`` beside the first (local) eval shard, else from the ``cls`` + ``txt`` fields,
+    else None. ``transform`` should be the eval transform (no random crop).
+    """
+    limit = cfg.data.eval_max_samples if max_samples is None else max_samples
+    if limit < 1:
+        raise ValueError(f"max_samples: must be >= 1, got {limit}")
+    if cfg.data.source == "digits":
+        demo = load_digits_demo(cfg.data.noise, seed=cfg.seed)
+        test = demo.test.subset(torch.arange(min(limit, len(demo.test))))
+        return EvalSet(
+            images=test.images, tokens=tokenizer(list(test.captions)), captions=list(test.captions),
+            keys=[f"test-{i}" for i in range(len(test))], labels=test.labels, class_prompts=demo.class_prompts,
+            skipped={},
+        )  # fmt: skip
+    if not cfg.data.eval_urls:
+        raise ValueError("data.evalUrls: required when data.source is 'webdataset'")
+    from jest_trainer.shards import resolve_shards
+
+    shards = resolve_shards(cfg.data.eval_urls, field="data.evalUrls")
+    spec = StreamSpec(shards=tuple(shards), seed=cfg.seed, rank=0, world_size=1, readers_per_rank=1, batch_size=1,
+                      shuffle_buffer=0, read_retries=cfg.data.read_retries,
+                      retry_backoff_seconds=cfg.data.retry_backoff_seconds, field="data.evalUrls")  # fmt: skip
+    reader = EvalReader(spec, transform)
+    rows = reader.read(limit)
+    if not rows:
+        raise ValueError(f"data.evalUrls: no usable sample in {len(shards)} shard(s) ({skip_summary(reader.skipped)})")
+    captions = [row.caption for row in rows]
+    labels = [row.label for row in rows]
+    prompts = _prompts_file(shards[0]) or _prompts_from_labels(captions, labels)
+    return EvalSet(
+        images=torch.stack([row.image for row in rows]), tokens=tokenizer(captions), captions=captions,
+        keys=[row.key for row in rows], labels=torch.tensor(labels, dtype=torch.long), class_prompts=prompts,
+        skipped=dict(reader.skipped),
+    )  # fmt: skip
+
 __all__ = [
     "CAPTION_TEMPLATES",
+    "DIGITS_IMAGE_SHAPE",
     "NOISE_KINDS",
     "N_CAPTION_CLASSES",
+    "DataQualityError",
     "DigitsDemo",
+    "EvalSet",
     "PairTable",
+    "ShardStream",
+    "SuperBatch",
+    "TableStream",
+    "TrainStream",
     "caption",
     "caption_class",
+    "check_skip_fraction",
     "class_prompts_from_table",
     "digit_class_prompts",
     "load_digits_demo",
+    "load_eval_set",
     "load_training_data",
+    "model_input_shape",
+    "open_curated_stream",
+    "open_train_stream",
     "read_webdataset",
     "shard_pattern",
     "stroke_features",
