@@ -36,7 +36,7 @@ rm -f "$STAMP"
 start=$(date +%s)
 cd "$HERE"
 echo "building ${CMDS[*]} $VERSION into $BIN (cold build: many minutes on 2 cores)" >&2
-CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -trimpath -mod=readonly" nice -n 10 go build -ldflags "$ldflags" -o "$BIN/" \
+CGO_ENABLED=0 GOFLAGS="${GOFLAGS:-} -trimpath -mod=readonly -buildvcs=false" nice -n 10 go build -ldflags "$ldflags" -o "$BIN/" \
   k8s.io/kubernetes/cmd/kube-apiserver \
   k8s.io/kubernetes/cmd/kube-controller-manager \
   ./cmd/etcd
