@@ -643,14 +643,16 @@ def open_train_stream(
 ) -> TrainStream:
     """This rank's infinite stream of ``local_super_batch``-row super-batches of the training pool.
 
-    ``digits`` -> ``TableStream`` over the digits pool (``transform`` unused); ``webdataset`` ->
+    ``digits`` -> ``TableStream`` over the digits pool (images through ``transform.from_pixels`` when the
+    transform has it, else the raw [0, 1] pixels); ``webdataset`` ->
     ``ShardStream`` over ``data.urls`` (resolved here: a pattern naming no shard raises ``ValueError``
     before any worker starts). ``transform`` and ``tokenizer`` must be picklable (loader workers).
     """
     if cfg.data.source == "digits":
         pool = load_digits_demo(cfg.data.noise, seed=cfg.seed).pool
         return TableStream(pool, tokenizer, rank=rank, world_size=world_size, seed=cfg.seed,
-                           batch_size=local_super_batch, key_prefix="digits")  # fmt: skip
+                           batch_size=local_super_batch, key_prefix="digits",
+                           image_fn=getattr(transform, "from_pixels", None))  # fmt: skip
     if not cfg.data.urls:
         raise ValueError("data.urls: required when data.source is 'webdataset'")
     spec = _stream_spec(cfg, cfg.data.urls, "data.urls", seed=cfg.seed, rank=rank, world_size=world_size,
@@ -681,7 +683,8 @@ def open_curated_stream(
     if cfg.data.source == "digits":
         curated = load_digits_demo(cfg.data.noise, seed=cfg.seed).curated
         return TableStream(curated, tokenizer, rank=rank, world_size=world_size, seed=cfg.seed,
-                           batch_size=batch_size, key_prefix="curated")  # fmt: skip
+                           batch_size=batch_size, key_prefix="curated",
+                           image_fn=getattr(transform, "from_pixels", None))  # fmt: skip
     urls = cfg.reference.train.urls if cfg.reference.train is not None else None
     if not urls:
         raise ValueError(
@@ -767,8 +770,10 @@ def load_eval_set(
     if cfg.data.source == "digits":
         demo = load_digits_demo(cfg.data.noise, seed=cfg.seed)
         test = demo.test.subset(torch.arange(min(limit, len(demo.test))))
+        to_input = getattr(transform, "from_pixels", None)
         return EvalSet(
-            images=test.images, tokens=tokenizer(list(test.captions)), captions=list(test.captions),
+            images=test.images if to_input is None else to_input(test.images),
+            tokens=tokenizer(list(test.captions)), captions=list(test.captions),
             keys=[f"test-{i}" for i in range(len(test))], labels=test.labels, class_prompts=demo.class_prompts,
             skipped={},
         )  # fmt: skip

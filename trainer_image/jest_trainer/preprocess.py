@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -75,23 +75,27 @@ def decode_rgb(payload: bytes, *, draft_size: int | None = None) -> Image.Image:
 
 @dataclass(frozen=True)
 class PreprocessSpec:
-    """What the model expects: square ``size``, per-channel ``mean``/``std``, how to resize.
+    """What the model expects: ``channels`` x square ``size``, per-channel ``mean``/``std``, how to resize.
 
     ``family`` is ``"builtin"`` (torchvision ops here) or ``"openclip"`` (``open_clip.image_transform``).
+    ``channels`` is 3 (RGB) or 1 (grey, built-in towers only).
     """
 
     size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     family: str = "builtin"
     interpolation: str = "bicubic"
     resize_mode: str = "shortest"
+    channels: int = 3
 
     def __post_init__(self) -> None:
         if self.size < 1:
             raise ValueError(f"model.imageSize: must be >= 1, got {self.size}")
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError("model.imageMean / model.imageStd: need three (RGB) values each")
+        if self.channels not in (1, 3) or (self.family == "openclip" and self.channels != 3):
+            raise ValueError(f"image channels: 3 (or 1 for built-in towers), got {self.channels} ({self.family})")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"model.imageMean / model.imageStd: need {self.channels} value(s) each")
         if min(self.std) <= 0:
             raise ValueError(f"model.imageStd: every value must be > 0, got {self.std}")
         if self.interpolation not in INTERPOLATIONS:
@@ -101,8 +105,8 @@ class PreprocessSpec:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        """``(3, size, size)``: the shape of every transformed image."""
-        return 3, self.size, self.size
+        """``(channels, size, size)``: the shape of every transformed image."""
+        return self.channels, self.size, self.size
 
 
 def _openclip_name(arch: str) -> str:
@@ -112,12 +116,30 @@ def _openclip_name(arch: str) -> str:
     return _resolve_openclip_name(arch.split(":", 1)[1])
 
 
-def preprocess_spec(model: ModelConfig) -> PreprocessSpec:
+class ModelImageSpec(Protocol):
+    """The model side's description of its input (``models.ImageSpec``): channels, size, mean, std."""
+
+    channels: int
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def preprocess_spec(model: ModelConfig, image_spec: ModelImageSpec | None = None) -> PreprocessSpec:
     """The preprocessing a model config asks for (open_clip's own for ``openclip:`` archs).
 
+    ``image_spec`` (a built model's ``image_spec``) wins for size, channels, mean and std when given, so
+    the model stays the one source of truth; the family and resize details still come from the arch.
     For open_clip, ``model.imageSize`` may only restate the architecture's size (its position
     embeddings fix it); ``imageMean``/``imageStd`` override open_clip's defaults when given.
     """
+    if image_spec is not None:
+        base = preprocess_spec(model) if image_spec.channels == 3 else PreprocessSpec(
+            size=int(image_spec.size), mean=tuple(image_spec.mean), std=tuple(image_spec.std),
+            channels=int(image_spec.channels),
+        )  # fmt: skip
+        return replace(base, size=int(image_spec.size), channels=int(image_spec.channels),
+                       mean=tuple(float(v) for v in image_spec.mean), std=tuple(float(v) for v in image_spec.std))
     if model.arch.startswith("openclip:"):
         import open_clip
         from open_clip.transform import PreprocessCfg
@@ -183,8 +205,28 @@ class ImageTransform:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        """``(3, S, S)``: the model's input shape."""
+        """``(C, S, S)``: the model's input shape."""
         return self.spec.image_shape
+
+    def from_pixels(self, pixels: Tensor) -> Tensor:
+        """In-memory ``[n, C, H, W]`` pixels in [0, 1] -> model input (grey -> RGB, bilinear resize, normalise).
+
+        For sources that are tensors already (the digits demo); no crop, the image is resized whole.
+        """
+        if pixels.dim() != 4:
+            raise ValueError(f"pixels: expected [n, C, H, W], got {tuple(pixels.shape)}")
+        channels = self.spec.channels
+        if pixels.shape[1] != channels:
+            if pixels.shape[1] != 1:
+                raise ValueError(f"pixels: {pixels.shape[1]} channels cannot become the model's {channels}")
+            pixels = pixels.expand(-1, channels, -1, -1)
+        if tuple(pixels.shape[-2:]) != (self.spec.size, self.spec.size):
+            pixels = torch.nn.functional.interpolate(
+                pixels, size=(self.spec.size, self.spec.size), mode="bilinear", align_corners=False
+            )
+        mean = torch.tensor(self.spec.mean, dtype=pixels.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.spec.std, dtype=pixels.dtype).view(1, -1, 1, 1)
+        return ((pixels - mean) / std).to(torch.float32).contiguous()
 
     def _build(self) -> Callable[[Image.Image], Tensor]:
         if self.spec.family == "openclip":
@@ -242,13 +284,20 @@ class ImageTransform:
         """Decode ``payload`` and transform it (raises ``ImageDecodeError`` for undecodable bytes)."""
         scale = self.crop_min_scale**0.5 if self.random_crop else 1.0
         picture = decode_rgb(payload, draft_size=max(1, int(self.spec.size / scale)))
+        if self.spec.channels == 1:
+            picture = picture.convert("L")
         return self.from_pil(picture, sample_seed=sample_seed)
 
 
-def build_image_transform(model: ModelConfig, data: DataConfig, *, train: bool) -> ImageTransform:
-    """The transform for training (``train=True``: random resized crop when ``data.randomResizedCrop``) or eval."""
+def build_image_transform(
+    model: ModelConfig, data: DataConfig, *, train: bool, image_spec: ModelImageSpec | None = None
+) -> ImageTransform:
+    """The transform for training (``train=True``: random resized crop when ``data.randomResizedCrop``) or eval.
+
+    Pass the built model's ``image_spec`` so the transform produces exactly what its ``encode_image`` takes.
+    """
     return ImageTransform(
-        preprocess_spec(model),
+        preprocess_spec(model, image_spec),
         random_crop=bool(train and data.random_resized_crop),
         crop_min_scale=data.crop_min_scale,
     )
@@ -260,6 +309,7 @@ __all__ = [
     "OPENAI_STD",
     "ImageDecodeError",
     "ImageTransform",
+    "ModelImageSpec",
     "PreprocessSpec",
     "build_image_transform",
     "decode_rgb",

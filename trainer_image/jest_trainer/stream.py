@@ -130,8 +130,8 @@ class SuperBatch:
 
     ``images`` ``[n, C, S, S]`` float32 (normalised for the model; the digits source gives its 8x8
     pixels in [0, 1]), ``tokens`` ``[n, L]`` int64, ``keys`` the WebDataset ``__key__`` of each row
-    (digits: ``digits-<row>``), ``labels`` int64 (-1 where the shard has no ``cls``), ``noise`` the
-    ``.noise`` field (``"unknown"`` without one), ``reference`` precomputed reference embeddings
+    (digits: ``digits-<row>``), ``labels`` int64 (-1 where the shard has no ``cls``), ``noise_kind``
+    the ``.noise`` field (``"unknown"`` without one), ``reference`` precomputed reference embeddings
     ``(image_emb, text_emb)`` joined by key, or None.
     """
 
@@ -139,7 +139,7 @@ class SuperBatch:
     tokens: Tensor
     keys: list[str]
     labels: Tensor
-    noise: list[str]
+    noise_kind: list[str]
     captions: list[str]
     reference: tuple[Tensor, Tensor] | None = None
 
@@ -456,7 +456,7 @@ class _ReaderPipeline:
             "keys": [row.key for row in rows],
             "captions": captions,
             "labels": torch.tensor([row.label for row in rows], dtype=torch.long),
-            "noise": [row.noise for row in rows],
+            "noise_kind": [row.noise for row in rows],
             "worker": self.worker,
             "cursor": self.cursor(),
         }
@@ -609,7 +609,7 @@ class ShardStream(TrainStream):
         check_skip_fraction(self.skipped, self.seen, self.max_skip_fraction)
         return SuperBatch(
             images=item["images"], tokens=item["tokens"], keys=list(item["keys"]), labels=item["labels"],
-            noise=list(item["noise"]), captions=list(item["captions"]),
+            noise_kind=list(item["noise_kind"]), captions=list(item["captions"]),
         )  # fmt: skip
 
     @property
@@ -712,7 +712,8 @@ class TableStream(TrainStream):
 
     Step ``s`` of rank ``r`` takes ``super_batch_positions(..., step=s)`` of the rank's share
     ``shard_indices(...)`` — exactly the order the digits demo trained on before streaming existed.
-    Captions are tokenized here, in the training process (the table is small).
+    Captions are tokenized here, in the training process (the table is small); ``image_fn`` (e.g.
+    ``ImageTransform.from_pixels``) turns the table's [0, 1] pixels into model input per batch.
     """
 
     table: PairRows
@@ -722,6 +723,7 @@ class TableStream(TrainStream):
     seed: int
     batch_size: int
     key_prefix: str = "digits"
+    image_fn: Callable[[Tensor], Tensor] | None = None
     step: int = 0
     _share: Tensor = field(init=False, repr=False)
 
@@ -741,12 +743,13 @@ class TableStream(TrainStream):
         index = rows.tolist()
         captions = [self.table.captions[i] for i in index]
         self.step += 1
+        images = self.table.images.index_select(0, rows)
         return SuperBatch(
-            images=self.table.images.index_select(0, rows),
+            images=images if self.image_fn is None else self.image_fn(images),
             tokens=self.tokenizer(captions),
             keys=[f"{self.key_prefix}-{i}" for i in index],
             labels=self.table.labels.index_select(0, rows),
-            noise=[self.table.noise_kind[i] for i in index],
+            noise_kind=[self.table.noise_kind[i] for i in index],
             captions=captions,
         )
 
