@@ -37,7 +37,8 @@ What it does, in kubelet terms:
 - **deletion**: on ``deletionTimestamp`` every container gets SIGTERM, SIGKILL after the pod's
   ``deletionGracePeriodSeconds``, the final status is written, and the pod is deleted with grace 0 (as the
   kubelet does) so the object goes away;
-- **shutdown** (SIGTERM to the agent, or :meth:`NodeAgent.stop`) kills every process group it started.
+- **shutdown** (SIGTERM to the agent, or :meth:`NodeAgent.stop`) kills every process group it started;
+- namespaces labelled ``jest.training/node-agent=off`` are left alone (tests that play the kubelet there).
 
 Not a kubelet: no cgroups or resource enforcement (requests are only used for the fit check of extended
 resources and ``OMP_NUM_THREADS``), no images (``command`` is required; executables resolve from this
@@ -91,6 +92,11 @@ DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 MAX_TERMINATION_MESSAGE_BYTES = 4096
 FALLBACK_LOG_LINES = 80
 RESTART_BACKOFF_SECONDS = (1.0, 2.0, 4.0, 8.0, 10.0)
+#: A namespace labelled ``jest.training/node-agent: "off"`` is left alone: its pods are neither bound nor run
+#: (tests that play the kubelet themselves share the session's cluster with the agent).
+NAMESPACE_OPT_OUT_LABEL = "jest.training/node-agent"
+NAMESPACE_OPT_OUT_VALUE = "off"
+NAMESPACE_CACHE_SECONDS = 10.0
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 MERGE_PATCH = "application/merge-patch+json"
 #: ``<ADDR variable>: <PORT variable>`` pairs whose port is a rendezvous served by the pod the address names.
@@ -1173,6 +1179,7 @@ class NodeAgent:
         self._threads: list[threading.Thread] = []
         self._ready_since = now_utc()
         self._ca_pem = ""
+        self._namespaces: dict[str, tuple[bool, float]] = {}
 
     # ---------------------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -1318,10 +1325,26 @@ class NodeAgent:
         with self._pods_lock:
             return dict(self._pods)
 
+    def _serves_namespace(self, namespace: str) -> bool:
+        """False for namespaces that opted out (label ``jest.training/node-agent=off``); cached for 10 s."""
+        served, checked = self._namespaces.get(namespace, (True, -math.inf))
+        if time.monotonic() - checked < NAMESPACE_CACHE_SECONDS:
+            return served
+        try:
+            labels = (self.api.call(self.api.core.read_namespace, namespace).get("metadata") or {}).get("labels") or {}
+            served = labels.get(NAMESPACE_OPT_OUT_LABEL) != NAMESPACE_OPT_OUT_VALUE
+        except Exception as error:
+            if Api.status_of(error) != 404:
+                raise
+        self._namespaces[namespace] = (served, time.monotonic())
+        return served
+
     def _sync(self) -> None:
         pods = self._snapshot()
         for uid, pod in pods.items():
             spec = pod.get("spec") or {}
+            if uid not in self._workers and not self._serves_namespace(pod["metadata"]["namespace"]):
+                continue
             if wants_binding(pod):
                 self._schedule(pod)
             elif spec.get("nodeName") == self.node.name and uid not in self._workers:
