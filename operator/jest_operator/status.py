@@ -563,9 +563,11 @@ def plan(
 
     spec_patch: dict[str, Any] | None = None
     suspend_reason = REASON_SUSPENDED
-    if budget_spent and facts.on_budget_exceeded == "Suspend" and not facts.suspend:
-        spec_patch = {"runPolicy": {"suspend": True}}
+    if budget_spent and facts.on_budget_exceeded == "Suspend":
+        # level-based: also when the spec patch already landed but the status write did not (a 409 re-plan)
         suspend_reason = REASON_ENERGY_BUDGET_EXCEEDED
+        if not facts.suspend:
+            spec_patch = {"runPolicy": {"suspend": True}}
     if facts.suspend or spec_patch is not None:
         return _suspend(draft, live, suspend_reason, spec_patch)
     if phase == PHASE_SUSPENDED:

@@ -1,4 +1,6 @@
-"""Fixtures for the operator tests: the KMock emulator, a kubeconfig, real kubectl and the real operator process.
+"""Operator test helpers: the KMock emulator (test_operator_emulator.py, e2e), kubectl, the real operator process.
+
+The real control plane's helpers are in realcluster.py.
 
 Every process is started in its own session and killed by process group, by PID, even when a test fails.
 """
@@ -12,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,15 +181,22 @@ class Operator:
         return requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
 
 
-def start_operator(cluster: Cluster, tmp: Path, *, resync_seconds: float = 1.0, name: str = "operator") -> Operator:
-    """Start the operator against the emulator and wait until its liveness endpoint answers."""
+def start_operator(cluster: Cluster | Path, tmp: Path, *, resync_seconds: float = 1.0, name: str = "operator",
+                   namespaces: tuple[str, ...] | None = ("default",), extra_args: tuple[str, ...] = ()) -> Operator:
+    """Start the operator (against the emulator, or any kubeconfig) and wait until its liveness endpoint answers.
+
+    ``namespaces=None`` watches every namespace (``-A``, the chart's default).
+    """
     liveness, metrics = find_free_port(), find_free_port()
     log_path = tmp / f"{name}-{liveness}.log"
     log = open(log_path, "w")  # noqa: SIM115 - closed with the process
-    env = {**os.environ, **THREAD_LIMITS, "KUBECONFIG": str(cluster.kubeconfig), "PYTHONUNBUFFERED": "1"}
+    kubeconfig = cluster.kubeconfig if isinstance(cluster, Cluster) else cluster
+    env = {**os.environ, **THREAD_LIMITS, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"}
+    scope = ["-A"] if namespaces is None else [arg for ns in namespaces for arg in ("--namespace", ns)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jest_operator.main", "--namespace", "default", "--liveness-port", str(liveness),
-         "--liveness-host", "127.0.0.1", "--metrics-port", str(metrics), "--resync-seconds", str(resync_seconds)],
+        [sys.executable, "-m", "jest_operator.main", *scope, "--liveness-port", str(liveness),
+         "--liveness-host", "127.0.0.1", "--metrics-port", str(metrics), "--resync-seconds", str(resync_seconds),
+         *extra_args],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=REPO,
     )
     operator = Operator(proc, liveness, metrics, log_path)
@@ -240,27 +249,6 @@ def wait_pods(
 @pytest.fixture(scope="module")
 def module_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("kube")
-
-
-@pytest.fixture(scope="module")
-def cluster(module_tmp: Path) -> Iterator[Cluster]:
-    """An emulator where jest.training exists only because the real CRD was applied with kubectl."""
-    started = start_emulator(module_tmp, "--no-crd")
-    try:
-        started.kubectl("apply", "--validate=false", "-f", str(REPO / "crds"))
-        yield started
-    finally:
-        stop_process(started.process)
-
-
-@pytest.fixture(scope="module")
-def operator(cluster: Cluster, module_tmp: Path) -> Iterator[Operator]:
-    """One operator for the module (tests use distinct job names)."""
-    started = start_operator(cluster, module_tmp)
-    try:
-        yield started
-    finally:
-        stop_process(started.process, grace=10)
 
 
 def job_manifest(name: str, *, num_nodes: int = 2, run_policy: dict | None = None, energy: dict | None = None,

@@ -388,6 +388,11 @@ def test_energy_budget_suspend_patches_the_spec_and_stops_the_pods():
                 energy={"budgetJoules": 1000, "onBudgetExceeded": "Suspend"})
     assert after.spec_patch is None and after.events == ()
     assert cond(after.status, "Suspended")["reason"] == "EnergyBudgetExceeded"
+    # the spec patch landed, the status write was refused (409) and re-planned: still the budget's reason
+    replanned = run(running_status(), [pod(0, "Running"), pod(1, "Running")], progress=energy_progress(1500.0),
+                    run_policy={"suspend": True}, energy={"budgetJoules": 1000, "onBudgetExceeded": "Suspend"})
+    assert replanned.spec_patch is None
+    assert cond(replanned.status, "Suspended")["reason"] == "EnergyBudgetExceeded"
 
 
 def test_energy_budget_fail_fails_the_job():
