@@ -24,8 +24,9 @@ What it does, in kubelet terms:
   bound to the pod, and is written with ``ca.crt`` to the pod's directory; the process gets ``KUBECONFIG``
   naming a kubeconfig whose user is that token, plus ``KUBERNETES_SERVICE_HOST``/``PORT``, so in-cluster
   clients authenticate as the pod's ServiceAccount and every call is checked by RBAC (never as the agent);
-- **networking on one host**: each pod gets its own loopback address (127.0.0.10, .11, ... all route to
-  ``lo`` on Linux), reported as ``status.podIP``; pod DNS names ``<hostname>.<subdomain>.<ns>.svc`` in env
+- **networking on one host**: each pod gets its own loopback address (127.N.0.10, .11, ... all of 127/8 routes to
+  ``lo`` on Linux; the second octet follows the API server's port so two dev clusters never share
+  one), reported as ``status.podIP``; pod DNS names ``<hostname>.<subdomain>.<ns>.svc`` in env
   values and args become that pod's IP (a headless Service's records, as cluster DNS would serve them);
   ``JEST_METRICS_HOST`` is the pod IP so trainers serve ``:9090`` side by side; ``GLOO_SOCKET_IFNAME=lo``;
   because torch's TCPStore listens on every interface, the rendezvous port (``MASTER_PORT`` beside a
@@ -1045,6 +1046,13 @@ def _free_wildcard_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def default_pod_ip_base(server: str) -> str:
+    """``127.<n>.0.10`` with ``n`` from the API server's port, so two dev clusters on one host (the user's
+    ``make cluster-up`` and a test session's) hand out different pod addresses and their fixed ports never meet."""
+    port = server.rsplit(":", 1)[-1].strip("/")
+    return f"127.{1 + int(port) % 250 if port.isdigit() else 0}.0.10"
+
+
 class IpPool:
     """Loopback addresses for pods, handed out in order and never reused while the agent runs."""
 
@@ -1153,7 +1161,7 @@ class NodeAgent:
     """
 
     def __init__(self, kubeconfig: Path, workdir: Path, *, node: NodeSpec | None = None,
-                 pod_ip_base: str = DEFAULT_POD_IP_BASE, extra_env: Mapping[str, str] | None = None,
+                 pod_ip_base: str | None = None, extra_env: Mapping[str, str] | None = None,
                  resync_seconds: float = 0.5, heartbeat_seconds: float = 10.0,
                  shutdown_grace_seconds: float = 5.0) -> None:
         self.kubeconfig = Path(kubeconfig)
@@ -1167,7 +1175,8 @@ class NodeAgent:
         self.heartbeat_seconds = heartbeat_seconds
         self.shutdown_grace_seconds = shutdown_grace_seconds
         self.api = Api(self.kubeconfig)
-        self.ips = IpPool(pod_ip_base)
+        self.pod_ip_base = pod_ip_base or default_pod_ip_base(self.api.server)
+        self.ips = IpPool(self.pod_ip_base)
         self.errors: list[str] = []
         self._pods: dict[str, dict[str, Any]] = {}
         self._pods_lock = threading.Lock()
@@ -1193,7 +1202,7 @@ class NodeAgent:
             self._threads.append(thread)
         if not self._synced.wait(timeout=30):
             LOG.warning("the first pod listing took longer than 30 s")
-        LOG.info("node %s registered; pods get loopback addresses from %s", self.node.name, DEFAULT_POD_IP_BASE)
+        LOG.info("node %s registered; pods get loopback addresses from %s", self.node.name, self.pod_ip_base)
 
     def stop(self) -> None:
         """Kill every process this agent started (SIGTERM, then SIGKILL after the shutdown grace), join threads."""
@@ -1747,7 +1756,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--capacity", action="append", default=[],
                         help="override a capacity entry, e.g. nvidia.com/gpu=1 (repeatable)")
     parser.add_argument("--env", action="append", default=[], help="extra environment for every pod KEY=VALUE")
-    parser.add_argument("--pod-ip-base", default=DEFAULT_POD_IP_BASE, help="first loopback address for pods")
+    parser.add_argument("--pod-ip-base", default=None,
+                        help="first loopback address for pods (default 127.<apiserver port % 250 + 1>.0.10)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 

@@ -20,12 +20,14 @@ from hack.devcluster.node_agent import (
     SERVICE_ACCOUNT_MOUNT,
     ContainerState,
     Fit,
+    IpPool,
     Mount,
     MountTable,
     NodeSpec,
     PlanError,
     PodAddress,
     PodInputs,
+    default_pod_ip_base,
     exit_details,
     fit,
     localize_addresses,
@@ -351,3 +353,10 @@ def test_exit_details_map_signals_like_a_container_runtime() -> None:
     assert exit_details(3) == (3, None)
     assert exit_details(-15) == (143, 15)
     assert exit_details(-9) == (137, 9)
+
+
+def test_two_dev_clusters_hand_out_different_pod_addresses() -> None:
+    first, second = default_pod_ip_base("https://127.0.0.1:40001"), default_pod_ip_base("https://127.0.0.1:40002")
+    assert first == "127.2.0.10" and second == "127.3.0.10"
+    pool = IpPool("127.2.0.254")
+    assert [pool.allocate(), pool.allocate()] == ["127.2.0.254", "127.2.1.1"]  # .255 and .0 skipped
