@@ -225,16 +225,16 @@ def reconcile_job(
     ``pods`` and ``children`` (its ConfigMaps/Services) may come from the operator's watch-fed indexes
     (None = LIST them). A stale list is safe: creating an existing child is a 409, deleting a gone one a
     404, and only pods of the current attempt (which the fresh status names) can trigger a gang restart.
-    When the status write meets a 409 the job is read again and the plan recomputed (its side effects are
-    idempotent), up to :data:`MAX_CONFLICT_RETRIES` times.
+    When the status write meets a 409 the job, its pods and children are read again and the plan recomputed
+    (its side effects are idempotent), up to :data:`MAX_CONFLICT_RETRIES` times.
     """
-    if pods is None:
-        pods = kube.list_pods(namespace, name)
-    if children is None:
-        children = kube.list_children(namespace, name)
     progress: TrainerProgress | None = None
     scraped = False
     for attempt in range(MAX_CONFLICT_RETRIES + 1):
+        if pods is None:
+            pods = kube.list_pods(namespace, name)
+        if children is None:
+            children = kube.list_children(namespace, name)
         body = kube.get_job(namespace, name)
         if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
             kube.delete_children(namespace, name)
@@ -252,6 +252,7 @@ def reconcile_job(
             if error.status != 409 or attempt == MAX_CONFLICT_RETRIES:
                 raise
             LOG.info("status of %s/%s changed since it was read; re-planning (%d)", namespace, name, attempt + 1)
+            pods = children = None  # the first attempt changed them: observe afresh
             continue
         return ReconcileResult(outcome, body, the_plan, the_plan.status.get("phase"), conflicts=attempt)
     raise AssertionError("unreachable")
