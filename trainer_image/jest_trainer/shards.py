@@ -149,10 +149,17 @@ class _PipeStream:
     def read(self, size: int = -1) -> bytes:
         return self.stdout.read(size)
 
-    def close(self, *, check: bool) -> None:
+    def abandon(self) -> None:
+        """Stop the command without judging its exit status (the reader needs no more bytes)."""
+        self.process.kill()
+        self.stdout.close()
+        self.process.wait()
+
+    def close(self) -> None:
+        """Close stdout and wait; a non-zero exit raises ``ShardOpenError`` (the command's failure is the cause)."""
         self.stdout.close()
         code = self.process.wait()
-        if check and code != 0:
+        if code != 0:
             raise ShardOpenError(f"pipe:{self.command!r} exited with status {code}")
 
 
@@ -174,12 +181,18 @@ def open_shard(url: str, *, timeout: float = HTTP_TIMEOUT_SECONDS) -> Iterator[I
             yield response
     elif scheme == "pipe":
         pipe = _PipeStream(url[len("pipe:") :])
-        ok = False
         try:
             yield pipe  # type: ignore[misc]
-            ok = True
-        finally:
-            pipe.close(check=ok)
+        except GeneratorExit:  # the reader stopped early (enough samples): not a failure
+            pipe.abandon()
+            raise
+        except BaseException as error:
+            try:
+                pipe.close()
+            except ShardOpenError as failed:  # the command failing explains the read error better
+                raise failed from error
+            raise
+        pipe.close()
     else:
         filesystem = _fsspec_filesystem(url)
         with filesystem.open(url, "rb") as stream:

@@ -80,9 +80,9 @@ class ImageTransformLike(Protocol):
 class DataQualityError(RuntimeError):
     """More of the data was broken than ``data.maxSkipFraction`` allows (or a reader found nothing usable)."""
 
-    def __init__(self, message: str, *, skipped: Mapping[str, int], seen: int) -> None:
-        super().__init__(message)
-        self.skipped = dict(skipped)
+    def __init__(self, message: str, *, skipped: Mapping[str, int] | None = None, seen: int = 0) -> None:
+        super().__init__(message)  # one-argument construction: DataLoader re-raises worker errors that way
+        self.skipped = dict(skipped or {})
         self.seen = int(seen)
 
 
