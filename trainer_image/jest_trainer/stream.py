@@ -271,9 +271,9 @@ class StreamSpec:
         """What a saved cursor must match to be restored (see ``_FINGERPRINT_FIELDS``)."""
         digest = hashlib.sha1("\n".join(self.shards).encode()).hexdigest()[:16]
         return {
-            "kind": "webdataset", "shards": f"{len(self.shards)}:{digest}", "seed": self.seed, "rank": self.rank,
+            "kind": "webdataset", "shards": f"{len(self.shards)}:{digest}", "seed": self.seed,
             "world_size": self.world_size, "readers": self.readers_per_rank, "batch_size": self.batch_size,
-            "shuffle_buffer": self.shuffle_buffer,
+            "shuffle_buffer": self.shuffle_buffer, "rank": self.rank,
         }  # fmt: skip
 
     def fresh_cursor(self, worker: int, epoch: int = 0) -> dict[str, Any]:
@@ -754,8 +754,8 @@ class TableStream(TrainStream):
         )
 
     def _fingerprint(self) -> dict[str, Any]:
-        return {"kind": "table", "rows": len(self.table), "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size, "batch_size": self.batch_size}  # fmt: skip
+        return {"kind": "table", "rows": len(self.table), "seed": self.seed, "world_size": self.world_size,
+                "batch_size": self.batch_size, "rank": self.rank}  # fmt: skip
 
     @property
     def skipped(self) -> dict[str, int]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from jest_trainer import data
+from jest_trainer import stream as stream_mod
 from jest_trainer.config import NoiseConfig, TrainingConfig
 from jest_trainer.data import (
     CAPTION_TEMPLATES,
@@ -29,6 +30,8 @@ from jest_trainer.data import (
     write_digits_webdataset,
     write_webdataset,
 )
+from jest_trainer.models import hash_tokenize
+from jest_trainer.preprocess import ImageTransform, PreprocessSpec
 from PIL import Image
 
 N_DIGITS_IMAGES = 1797
@@ -282,3 +285,60 @@ def test_digits_shards_feed_load_training_data(tmp_path: Path) -> None:
 def test_load_training_data_digits_uses_the_seed_and_noise() -> None:
     cfg = TrainingConfig.model_validate({"seed": 5, "data": {"noise": {"wrong": 0.1, "junk": 0.1, "duplicate": 0.1}}})
     assert load_training_data(cfg) is load_digits_demo(NoiseConfig(wrong=0.1, junk=0.1, duplicate=0.1), seed=5)
+
+
+# --------------------------------------------------------------------------------------------------
+# The digits demo behind the streaming interface
+# --------------------------------------------------------------------------------------------------
+
+
+def _grey_transform() -> ImageTransform:
+    return ImageTransform(PreprocessSpec(size=8, mean=(0.5,), std=(0.5,), channels=1))
+
+
+def test_digits_stream_reads_the_demo_pool_in_its_seeded_order(demo: data.DigitsDemo) -> None:
+    cfg = TrainingConfig()
+    transform = _grey_transform()
+    def open_rank(rank: int, world: int = 2) -> data.TrainStream:
+        return data.open_train_stream(
+            cfg, rank=rank, world_size=world, local_super_batch=40, transform=transform, tokenizer=hash_tokenize
+        )
+
+    streams = [open_rank(r) for r in range(2)]
+    share = stream_mod.shard_indices(len(demo.pool), world_size=2, rank=1, seed=0)
+    for step in range(3):
+        batches = [next(s) for s in streams]
+        rows = share[stream_mod.super_batch_positions(len(share), local_super_batch=40, step=step, seed=0, rank=1)]
+        assert batches[1].keys == [f"digits-{i}" for i in rows.tolist()]
+        assert torch.equal(batches[1].images, (demo.pool.images[rows] - 0.5) / 0.5)
+        assert torch.equal(batches[1].tokens, hash_tokenize([demo.pool.captions[i] for i in rows.tolist()]))
+        assert batches[1].noise_kind == [demo.pool.noise_kind[i] for i in rows.tolist()]
+        assert torch.equal(batches[1].labels, demo.pool.labels[rows])
+        assert not set(batches[0].keys) & set(batches[1].keys)  # ranks read disjoint shares
+    state = streams[1].state_dict()
+    again = open_rank(1)
+    again.load_state_dict(state)
+    assert next(again).keys == next(streams[1]).keys
+    with pytest.raises(ValueError, match="world size"):
+        open_rank(0, world=1).load_state_dict(state)
+
+
+def test_digits_curated_stream_eval_set_and_input_shape(demo: data.DigitsDemo) -> None:
+    cfg = TrainingConfig()
+    transform = _grey_transform()
+    curated = data.open_curated_stream(cfg, rank=0, world_size=1, batch_size=64, transform=transform,
+                                       tokenizer=hash_tokenize)  # fmt: skip
+    assert curated is not None
+    batch = next(curated)
+    assert all(k.startswith("curated-") for k in batch.keys) and set(batch.noise_kind) == {"clean"}
+    assert data.open_curated_stream(TrainingConfig.model_validate({"reference": {"checkpoint": "/x.pt"}}), rank=0,
+                                    world_size=1, batch_size=8, transform=transform, tokenizer=hash_tokenize) is None
+    full = data.load_eval_set(cfg, transform=transform, tokenizer=hash_tokenize)
+    assert len(full) == len(demo.test) and full.class_prompts == demo.class_prompts and full.has_labels
+    assert torch.equal(full.images, (demo.test.images - 0.5) / 0.5)
+    assert len(data.load_eval_set(cfg, transform=transform, tokenizer=hash_tokenize, max_samples=50)) == 50
+    assert data.model_input_shape(cfg) == (1, 8, 8)
+    shards = TrainingConfig.model_validate(
+        {"data": {"source": "webdataset", "urls": "/x.tar"}, "model": {"imageSize": 32}}
+    )
+    assert data.model_input_shape(shards) == (3, 32, 32)
