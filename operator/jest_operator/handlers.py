@@ -18,7 +18,7 @@ Triggers:
 * ``on.event`` of pods labelled ``app.kubernetes.io/managed-by=jest-operator``: fast reaction to phases;
 * ``@kopf.index`` of those pods, and of the operator's ConfigMaps and Services, by job: reconciles read
   them there instead of LISTs per job (the job itself is always read with a GET, as its status is the
-  state machine's memory); a ConfigMap/Service event reconciles its job too (drift, deletion);
+  state machine's memory); a ConfigMap/Service being deleted reconciles its job at once;
 * a resync loop (every ``resync_seconds``, default 5 s) over every known job: level-based progress,
   deadlines, TTLs and metrics scraping. It is an operator-level task rather than ``@kopf.timer`` because
   Kopf timers (and daemons) put a finalizer on every job, and the operator is finalizer-free: deleting a
@@ -572,9 +572,13 @@ async def on_pod_event(namespace: str, labels: Mapping[str, str], **kwargs: Any)
                id="configmap-events")
 @kopf.on.event("", "v1", "services", labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_JOB_NAME: kopf.PRESENT},
                id="service-events")
-async def on_child_event(namespace: str, labels: Mapping[str, str], **kwargs: Any) -> None:
-    """A ConfigMap/Service of a job changed or went away: reconcile the job (drift, recreation)."""
+async def on_child_event(type: str | None, namespace: str, labels: Mapping[str, str], meta: Mapping[str, Any],
+                         **kwargs: Any) -> None:
+    """A ConfigMap/Service of a job is going away: reconcile the job now (it recreates it, or a recreated job
+    stops waiting for its name). Other changes (drift) wait for the resync: reacting to every ADDED event
+    of our own creations would double the reconciles of a burst of new jobs."""
     _remember_index(kwargs)
     job_name = labels.get(LABEL_JOB_NAME)
-    if job_name and (namespace, job_name) in RUNTIME.jobs:
+    gone = type == "DELETED" or bool(meta.get("deletionTimestamp"))
+    if job_name and gone and (namespace, job_name) in RUNTIME.jobs:
         await request_reconcile(namespace, job_name)
