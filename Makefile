@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv demo test test-fast lint crds controlplane cluster-up cluster-down cluster-status bench bench-selection bench-scaling bench-reconcile bench-energy bench-arithmetic prometheus clean
+.PHONY: venv demo test test-fast lint crds controlplane cluster-up cluster-down cluster-status bench bench-selection bench-scaling bench-reconcile bench-energy bench-arithmetic bench-data prometheus clean
 
 $(STAMP): pyproject.toml setup.py trainer_image/jest_trainer/_selection_native.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,7 +58,7 @@ prometheus:
 	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
 
-bench: bench-selection bench-scaling bench-reconcile bench-energy bench-arithmetic
+bench: bench-selection bench-scaling bench-reconcile bench-energy bench-arithmetic bench-data
 
 ## every selection method at f = 0.5 / 0.8 / 0.9, 3 seeds (about 5 min each on 2 cores)
 bench-selection: $(STAMP)
@@ -78,6 +78,11 @@ bench-energy: $(STAMP)
 
 bench-arithmetic: $(STAMP)
 	$(PY) bench/selection_arithmetic.py
+
+## streaming input: peak RSS over 1x vs 10x the shards, and loader samples/s vs plain webdataset + DataLoader
+bench-data: $(STAMP)
+	$(PY) bench/data_stream.py memory
+	$(PY) bench/data_stream.py loader
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache build trainer_image/jest_trainer/*.so
