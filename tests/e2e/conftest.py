@@ -10,6 +10,7 @@ when one of these tests asks for it, and stopped by pid (the kernel kills it if 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -110,6 +111,17 @@ class UserCluster:
         for log in sorted(self.node_dir.glob(f"pods/{namespace}_*/logs/*.log")):
             parts.append(f"--- {log.parent.parent.name}/{log.name} ---\n" + _tail(log, 15))
         return "\n".join(parts)
+
+
+#: What the API server says when RBAC (or OwnerReferencesPermissionEnforcement, which asks RBAC about the
+#: owner's finalizers) refuses the operator; the transient "cannot find RESTMapping" refusal right after a CRD
+#: is installed is admission's discovery lag, not a permission problem, and Kopf retries it.
+RBAC_DENIAL = re.compile(r'forbidden: User "[^"]+" cannot|cannot set blockOwnerDeletion if an ownerReference refers')
+
+
+def rbac_denials(log: str) -> list[str]:
+    """The operator log lines where the API server refused a call for lack of permission."""
+    return [line for line in log.splitlines() if RBAC_DENIAL.search(line)]
 
 
 def _tail(path: Path, lines: int) -> str:
