@@ -1,5 +1,5 @@
-"""Build hook for the one compiled part: the optional native CPU kernels of JEST's selection (the chunk loop
-and the pass before the pair-loss sigmoid).
+"""Build hook for the one compiled part: the optional native CPU kernels of JEST's selection (the sigmoid and
+softmax chunk loops and the pass before the pair-loss sigmoid).
 
 Everything else about the distribution lives in ``pyproject.toml``. The extension is ``optional``: where no
 C compiler is available the install still succeeds and selection runs the same steps in NumPy and torch

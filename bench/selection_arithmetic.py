@@ -133,6 +133,7 @@ def measure_shape(super_batch: int, batch_size: int, chunks: int, dim: int, repe
         "select_batch_jest_sigmoid_without_native": without_native(dispatch("jest", "sigmoid")),
         "jest_select_softmax": lambda: jest_select_softmax(learner_soft, reference_soft, batch_size, chunks,
                                                            generator),
+        "select_batch_jest_softmax": dispatch("jest", "softmax"),
         "select_batch_learnability_topk_sigmoid": dispatch("learnability_topk", "sigmoid"),
         "select_batch_learnability_topk_softmax": dispatch("learnability_topk", "softmax"),
         "select_batch_uniform": dispatch("uniform", "sigmoid"),

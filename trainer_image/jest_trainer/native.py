@@ -1,4 +1,5 @@
-"""The optional compiled CPU kernels of selection (``_selection_native.c``, built by ``setup.py``).
+"""The optional compiled CPU kernels of selection (``_selection_native.c``, built by ``setup.py``): the sigmoid
+(pairwise) and softmax (CLIP, exp-domain) chunk loops and the pass before the pair-loss sigmoid.
 
 ``KERNEL`` is the extension module, or ``None`` where the install had no C compiler; callers then run the
 same arithmetic in NumPy/torch, with the same results up to float rounding. Read it at call time

@@ -18,13 +18,20 @@ selected items are masked to ``-inf``.
   change of the *summed* CLIP loss ``Lsum(A) = Σ_{i∈A} CE_row_i + Σ_{j∈A} CE_col_j = 2|A|·softmax_batch_loss``
   when ``k`` joins ``A``: its own positive, the log-sum-exp of its row and column over ``A+{k}``, and the
   growth of every selected row's and column's partition function. ``c(k|A)`` is that change for the
-  learner minus that for the reference (O(B·|A|) per chunk). A single pair has zero CLIP loss, so
-  ``c(k|∅) = 0`` and the first softmax chunk is uniform; the joint signal starts with chunk 2.
+  learner minus that for the reference (O(B·|A|) per chunk). A single pair has zero CLIP loss (the change
+  for ``A = ∅`` is 0 for every k), so chunk 1 is instead drawn from each example's learnability in the
+  context of the whole super-batch (:func:`super_batch_learnability`: ``CE_row_k + CE_col_k`` over all B,
+  learner minus reference; the same summed-loss scale as the later chunks' changes). On CPU the loop runs
+  in the native kernel in the exp domain (products of ``1 + E_ik / Z_i`` instead of one log per entry, with
+  ``E = exp(L - max L)``; float64 accumulators) whenever no positive logit lies so far below its model's
+  maximum that ``E`` would underflow; otherwise, on accelerators, and without the kernel, it runs the torch
+  log-domain scorer. Both draw the same chunks up to float rounding in near-ties.
 
-Independent baseline ``learnability_topk`` scores each example alone and keeps the top ``b``: for the
-sigmoid loss ``S_kk`` (the pair's loss in a batch of one), for the softmax loss the per-example
-``(CE_row_k + CE_col_k)/2`` over the whole super-batch, learner minus reference (a batch of one has no
-softmax loss, so the super-batch supplies the negatives). ``uniform`` takes a random ``b`` of ``B``.
+Independent baseline ``learnability_topk`` keeps the top ``b`` of :func:`super_batch_learnability`, each
+example scored alone against the whole super-batch (the paper's independent selection): for the sigmoid loss
+the sum of example k's row and column of ``S`` (its image against all B texts plus its text against all B
+images), for the softmax loss ``CE_row_k + CE_col_k`` over all B, each learner minus reference.
+``uniform`` takes a random ``b`` of ``B``.
 """
 
 from __future__ import annotations
@@ -35,7 +42,6 @@ from typing import Literal, Protocol
 import numpy
 import torch
 from torch import Tensor
-from torch.nn import functional
 
 from jest_trainer import native
 from jest_trainer.config import SELECTION_METHODS
@@ -121,10 +127,13 @@ def _chunked_sample(
     n_chunks: int,
     like: Tensor,
     generator: torch.Generator | None,
+    noise: Tensor | None = None,
 ) -> Tensor:
-    """Draw ``n_chunks`` chunks of ``batch_size // n_chunks`` by Gumbel top-k of c(k|A) (A masked to -inf)."""
+    """Draw ``n_chunks`` chunks of ``batch_size // n_chunks`` by Gumbel top-k of c(k|A) (A masked to -inf), with
+    ``noise`` (``[n_chunks, B]``) if given, else drawn here from ``generator``."""
     per_chunk = batch_size // n_chunks
-    noise = _gumbel_noise((n_chunks, super_batch), like, generator)
+    if noise is None:
+        noise = _gumbel_noise((n_chunks, super_batch), like, generator)
     chunks: list[Tensor] = []
     for chunk_noise in noise[:-1]:
         indices = torch.topk(scorer.scores().add(chunk_noise), per_chunk, sorted=False)[1]
@@ -244,21 +253,32 @@ class _SoftmaxCost:
         return change
 
 
+def _per_example_softmax_losses(logits: Tensor) -> Tensor:
+    """``[M, B, B]`` -> ``[M, B]``: ``CE_row_k + CE_col_k`` over the whole super-batch, per model and example k."""
+    diagonal = logits.diagonal(dim1=1, dim2=2)
+    return logits.logsumexp(dim=2) + logits.logsumexp(dim=1) - 2 * diagonal
+
+
 class _SoftmaxScorer:
-    """c(k|A) = Σ_m sign_m · (Lsum_m(A+{k}) - Lsum_m(A)) over stacked models (learner +1, reference -1)."""
+    """c(k|A) = Σ_m sign_m · (Lsum_m(A+{k}) - Lsum_m(A)) over stacked models (learner +1, reference -1);
+    for ``A = ∅`` (chunk 1) each example's super-batch learnability ``Σ_m sign_m · (CE_row_k + CE_col_k)``."""
 
     def __init__(self, logits: Tensor, signs: Tensor) -> None:
         self.logits = logits
         self._cost = _SoftmaxCost(logits)
         self._signs = signs.to(dtype=logits.dtype, device=logits.device).unsqueeze(1)
         self._selected = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+        self._empty = True
 
     def scores(self) -> Tensor:
+        if self._empty:
+            return (self._signs * _per_example_softmax_losses(self.logits)).sum(dim=0)
         return (self._signs * self._cost.cost()).sum(dim=0).masked_fill_(self._selected, -math.inf)
 
     def add(self, indices: Tensor) -> None:
         self._cost.add(indices)
         self._selected[indices] = True
+        self._empty = False
 
 
 def softmax_incremental_cost(logits: Tensor, selected: Tensor) -> Tensor:
@@ -278,8 +298,9 @@ def softmax_incremental_cost(logits: Tensor, selected: Tensor) -> Tensor:
 def softmax_conditional_scores(learner_logits: Tensor, reference_logits: Tensor, selected: Tensor) -> Tensor:
     """The c(k|A) :func:`jest_select_softmax` samples chunk n with, given ``A = selected`` (``-inf`` on A).
 
-    ``c(k|A) = [Lsum^θ(A+{k}) - Lsum^θ(A)] - [Lsum^θ*(A+{k}) - Lsum^θ*(A)]``, computed by the same
-    incremental scorer the sampler uses (exposed so tests can compare it with brute-force CLIP losses).
+    ``c(k|A) = [Lsum^θ(A+{k}) - Lsum^θ(A)] - [Lsum^θ*(A+{k}) - Lsum^θ*(A)]``, computed by the torch scorer
+    (exposed so tests can compare it with brute-force CLIP losses). For an empty ``selected`` it is the
+    chunk-1 score, :func:`super_batch_learnability` of the softmax loss.
     """
     _validate_scores("learner_logits", learner_logits)
     _validate_scores("reference_logits", reference_logits)
@@ -316,15 +337,58 @@ def _softmax_joint(
     size = terms[0][1].shape[0]
     _validate_sizes(size, batch_size, n_chunks)
     with torch.no_grad():
-        scorer = _softmax_scorer(terms)
-        return _chunked_sample(scorer, size, batch_size, n_chunks, scorer.logits, generator)
+        stacked = _stack_terms(terms)
+        # the same noise draw as the torch scorer's (in the logits' dtype), so both paths pick the same chunks
+        noise = _gumbel_noise((n_chunks, size), stacked, generator)
+        exps = _shifted_exps(stacked) if stacked.device.type == "cpu" and native.KERNEL is not None else None
+        if exps is None:
+            scorer = _SoftmaxScorer(stacked, torch.tensor([sign for sign, _ in terms]))
+            return _chunked_sample(scorer, size, batch_size, n_chunks, stacked, generator, noise)
+        noise = noise.to(exps.dtype)
+        return _softmax_chunk_loop_native(exps, [sign for sign, _ in terms], noise, batch_size // n_chunks)
+
+
+def _softmax_chunk_loop_native(exps: Tensor, signs: list[float], noise: Tensor, per_chunk: int) -> Tensor:
+    """The softmax chunk loop in the native kernel, from :func:`_shifted_exps`' ``[M, B, B]`` and one sign each."""
+    assert native.KERNEL is not None
+    chosen = numpy.empty(noise.shape[0] * per_chunk, dtype=numpy.int64)
+    native.KERNEL.softmax_chunk_loop(exps.numpy(), signs, numpy.ascontiguousarray(noise.numpy()), per_chunk, chosen)
+    return torch.from_numpy(chosen)
+
+
+# How far (in logits) a positive may lie below its model's largest logit for the exp-domain kernel: then every
+# E_kk = exp(L_kk - max L) is at least e^-gap, far above underflow (float32: e^-60 ≈ 9e-27 against 1e-38, and
+# the entries lost to underflow below e^-87 weigh less than 1e-9 of any partition; float64: e^-600 against
+# 1e-308), and each partition-growth factor is at most 1 + e^gap, which the kernel's products absorb.
+_EXP_DOMAIN_GAP: dict[torch.dtype, float] = {torch.float32: 60.0, torch.float64: 600.0}
+
+
+def _shifted_exps(stacked: Tensor) -> Tensor | None:
+    """``exp(L_m - max L_m)`` of ``[M, B, B]`` logits for the native softmax loop (consuming ``stacked``), or
+    ``None`` (``stacked`` untouched) if that could underflow where it matters.
+
+    Float32 (for float32 logits) when every positive lies within 60 of its model's maximum logit, float64
+    when within 600 (any CLIP logits with a temperature below ~300), otherwise ``None`` and the caller runs
+    the log-domain torch scorer, which handles any finite logits.
+    """
+    shift = stacked.amax(dim=(1, 2), keepdim=True)
+    gap = float((shift.flatten() - stacked.diagonal(dim1=1, dim2=2).amin(dim=1)).max())
+    if stacked.dtype == torch.float32 and gap <= _EXP_DOMAIN_GAP[torch.float32]:
+        return stacked.sub_(shift).exp_()
+    if gap <= _EXP_DOMAIN_GAP[torch.float64]:
+        return stacked.double().sub_(shift.double()).exp_()
+    return None
+
+
+def _stack_terms(terms: list[tuple[float, Tensor]]) -> Tensor:
+    """Stack the models' logits as ``[M, B, B]`` (float32, or float64 if any input is)."""
+    dtype = torch.float64 if any(_working_dtype(logits) == torch.float64 for _, logits in terms) else torch.float32
+    return torch.stack([logits.detach().to(dtype) for _, logits in terms])
 
 
 def _softmax_scorer(terms: list[tuple[float, Tensor]]) -> _SoftmaxScorer:
-    """Stack the models' logits (float32, or float64 if any input is) with their signs."""
-    dtype = torch.float64 if any(_working_dtype(logits) == torch.float64 for _, logits in terms) else torch.float32
-    stacked = torch.stack([logits.detach().to(dtype) for _, logits in terms])
-    return _SoftmaxScorer(stacked, torch.tensor([sign for sign, _ in terms]))
+    """The torch scorer of the stacked models with their signs."""
+    return _SoftmaxScorer(_stack_terms(terms), torch.tensor([sign for sign, _ in terms]))
 
 
 def jest_select_softmax(
@@ -337,7 +401,8 @@ def jest_select_softmax(
     """JEST joint sampling for the softmax (CLIP) loss, with the exact incremental learnability.
 
     ``c(k|A) = Δ^θ(k|A) - Δ^θ*(k|A)`` with Δ from :func:`softmax_incremental_cost`; chunked Gumbel top-k as in
-    :func:`jest_select`. ``c(k|∅) = 0``, so the first chunk is uniform.
+    :func:`jest_select`. Δ is 0 for every k when ``A = ∅``, so chunk 1 is drawn ∝ ``exp`` of each example's
+    super-batch learnability (:func:`super_batch_learnability`) instead of uniformly.
     """
     _validate_scores("learner_logits", learner_logits)
     _validate_scores("reference_logits", reference_logits)
@@ -349,12 +414,30 @@ def jest_select_softmax(
     return _softmax_joint([(1.0, learner_logits), (-1.0, reference_logits)], batch_size, n_chunks, generator)
 
 
-def _per_example_softmax_loss(logits: Tensor) -> Tensor:
-    """(CE of row k + CE of column k) / 2 over the whole super-batch, per example k."""
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    rows = functional.cross_entropy(logits, labels, reduction="none")
-    cols = functional.cross_entropy(logits.T, labels, reduction="none")
-    return (rows + cols) / 2
+def super_batch_learnability(learner_logits: Tensor, reference_logits: Tensor, loss: str) -> Tensor:
+    """Each example's learnability in the context of the whole super-batch, ``[B]``, learner minus reference.
+
+    The paper's independent score: example k's own loss terms with every other candidate as a negative. For
+    the sigmoid loss the sum of row k and column k of ``S = M^θ - M^θ*`` (``Σ_j S_kj + Σ_i S_ik``: image k
+    against all B texts plus text k against all B images, the positive counted in both); for the softmax loss
+    ``CE_row_k + CE_col_k`` over all B. ``learnability_topk`` keeps its top ``b``; the softmax JEST sampler
+    draws its first chunk from it. Float32 (float64 if either input is); no gradient.
+    """
+    if loss not in LOSS_KINDS:
+        raise ValueError(f"loss: expected one of {LOSS_KINDS}, got {loss!r}")
+    _validate_scores("learner_logits", learner_logits)
+    _validate_scores("reference_logits", reference_logits)
+    if learner_logits.shape != reference_logits.shape:
+        raise ValueError(
+            f"reference_logits: shape {tuple(reference_logits.shape)} differs from learner_logits "
+            f"{tuple(learner_logits.shape)}"
+        )
+    with torch.no_grad():
+        if loss == "sigmoid":
+            scores = _sigmoid_pair_scores(learner_logits, reference_logits)
+            return scores.sum(dim=0).add_(scores.sum(dim=1))
+        per_example = _per_example_softmax_losses(_stack_terms([(1.0, learner_logits), (-1.0, reference_logits)]))
+        return per_example[0] - per_example[1]
 
 
 def _require(method: str, name: str, logits: Tensor | None) -> Tensor:
@@ -429,17 +512,8 @@ def select_batch(
     if method == "learnability_topk":
         assert learner is not None and reference is not None
         _validate_sizes(learner.shape[0], batch_size, None)
-        _validate_scores("learner_logits", learner)
-        _validate_scores("reference_logits", reference)
-        with torch.no_grad():
-            learner_w = learner.detach().to(_working_dtype(learner))
-            reference_w = reference.detach().to(_working_dtype(reference))
-            if loss == "sigmoid":
-                # S_kk = M^θ_kk - M^θ*_kk, and a positive pair's loss is softplus(-L_kk).
-                scores = softplus_no_grad(-learner_w.diagonal()) - softplus_no_grad(-reference_w.diagonal())
-            else:
-                scores = _per_example_softmax_loss(learner_w) - _per_example_softmax_loss(reference_w)
-            return torch.topk(scores, batch_size, sorted=True).indices
+        scores = super_batch_learnability(learner, reference, loss)
+        return torch.topk(scores, batch_size, sorted=True).indices
 
     size = (learner if learner is not None else reference).shape[0]  # type: ignore[union-attr]
     _validate_sizes(size, batch_size, n_chunks)

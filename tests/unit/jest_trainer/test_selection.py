@@ -23,11 +23,16 @@ from jest_trainer.selection import (
     _pairwise_chunk_loop_cpu,
     _pairwise_chunk_loop_numpy,
     _PairwiseScorer,
+    _shifted_exps,
+    _softmax_chunk_loop_native,
+    _SoftmaxScorer,
+    _stack_terms,
     jest_select,
     jest_select_softmax,
     select_batch,
     softmax_conditional_scores,
     softmax_incremental_cost,
+    super_batch_learnability,
 )
 from scipy.stats import chisquare
 from torch.nn import functional
@@ -54,7 +59,17 @@ def _brute_sigmoid_conditional(scores: torch.Tensor, selected: list[int]) -> tor
     return scores.diagonal() + scores[:, chosen].sum(dim=1) + scores[chosen, :].sum(dim=0)
 
 
+def _super_batch_clip_terms(logits: torch.Tensor) -> torch.Tensor:
+    """CE of row k + CE of column k over the whole super-batch, per example k (torch's cross-entropy)."""
+    labels = torch.arange(logits.shape[0])
+    rows = functional.cross_entropy(logits, labels, reduction="none")
+    return rows + functional.cross_entropy(logits.T, labels, reduction="none")
+
+
 def _brute_softmax_conditional(learner: torch.Tensor, reference: torch.Tensor, selected: list[int]) -> torch.Tensor:
+    """c(k|A) from CLIP losses computed from scratch; for A = ∅ (chunk 1) the super-batch learnability."""
+    if not selected:
+        return _super_batch_clip_terms(learner) - _super_batch_clip_terms(reference)
     learner_base, reference_base = _summed_clip_loss(learner, selected), _summed_clip_loss(reference, selected)
     values = []
     for candidate in range(learner.shape[0]):
@@ -121,7 +136,7 @@ def test_softmax_conditional_score_is_learner_minus_reference_clip_loss_gain(
     selected = [member for member in members if member < size][: size - 1]
     learner, reference = _matrix(size, seed, learner_scale), _matrix(size, seed + 1, reference_scale)
     scores = softmax_conditional_scores(learner, reference, torch.tensor(selected, dtype=torch.long))
-    expected = _brute_softmax_conditional(learner, reference, selected)
+    expected = _brute_softmax_conditional(learner, reference, selected)  # chunk 1's score when A is empty
     outside = [k for k in range(size) if k not in selected]
     torch.testing.assert_close(scores[outside], expected[outside], rtol=1e-9, atol=1e-9)
     assert torch.all(scores[selected] == -math.inf)
@@ -134,9 +149,17 @@ def test_jest_select_matches_the_naive_sampler_with_from_scratch_scores() -> Non
     assert _chunks(ours, 4) == _chunks(naive, 4)
 
 
-def test_jest_select_softmax_matches_the_naive_sampler_with_brute_force_losses() -> None:
-    learner, reference = _matrix(12, seed=3, scale=4.0), _matrix(12, seed=4, scale=4.0)
-    for seed in range(2):
+@pytest.mark.parametrize("kernel", ["native", "torch"])
+@pytest.mark.parametrize("scale", [4.0, 60.0])
+def test_jest_select_softmax_matches_the_naive_sampler_with_brute_force_losses(
+    kernel: str, scale: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both CPU paths (the exp-domain native loop; the log-domain torch scorer) against from-scratch CLIP losses,
+    chunk 1 from the super-batch learnability; scale 60 puts positives hundreds of logits below the maximum."""
+    if kernel == "torch":
+        monkeypatch.setattr(native, "KERNEL", None)
+    learner, reference = _matrix(12, seed=3, scale=scale), _matrix(12, seed=4, scale=scale)
+    for seed in range(3):
         ours = jest_select_softmax(learner, reference, 10, 5, generator=_seeded(seed)).tolist()
         naive = _reference_sampler(
             lambda chosen: _brute_softmax_conditional(learner, reference, chosen), 12, 10, 5, seed=seed
@@ -242,21 +265,26 @@ def test_two_chunk_draws_follow_the_jest_distribution() -> None:
 
 
 def test_joint_selection_prefers_a_jointly_learnable_pair_over_individually_good_items() -> None:
-    """Items 0 and 1 are unremarkable alone (S_kk = 0) but learnable together (S_01 = S_10 = 5); items
-    2..9 are individually better (S_kk = 0.5) with no joint value. Independent top-k never picks the pair;
-    JEST usually does and so reaches a higher batch learnability."""
-    scores = torch.zeros(10, 10, dtype=torch.float64)
-    scores.diagonal()[2:] = 0.5
+    """Items 0 and 1 are unremarkable alone (S_kk = 0) but learnable together (S_01 = S_10 = 5); items 2..9 are
+    individually better (S_kk = 0.5) and look best in the context of the whole super-batch, through their mild
+    learnability with ten decoys 10..19 (S = 1.5 both ways) that are themselves unlearnable (S_kk = -20). The
+    independent baseline, which scores each example against the whole super-batch, keeps six of 2..9 and never
+    the pair; JEST, which scores what it has actually selected, usually finds the pair and so reaches a higher
+    batch learnability."""
+    scores = torch.zeros(20, 20, dtype=torch.float64)
+    scores.diagonal()[2:10] = 0.5
+    scores.diagonal()[10:] = -20.0
+    scores[2:10, 10:] = scores[10:, 2:10] = 1.5
     scores[0, 1] = scores[1, 0] = 5.0
     # Logits whose per-pair losses differ by exactly ``scores`` keep the dispatcher in the loop.
-    learner_pair_losses = scores + 1.0
-    reference_pair_losses = torch.ones_like(scores)
+    learner_pair_losses = scores + 21.0
+    reference_pair_losses = torch.full_like(scores, 21.0)
     learner, reference = _logits_with_pair_losses(learner_pair_losses), _logits_with_pair_losses(reference_pair_losses)
     torch.testing.assert_close(sigmoid_pair_losses(learner) - sigmoid_pair_losses(reference), scores)
 
     topk = select_batch("learnability_topk", learner_logits=learner, reference_logits=reference, loss="sigmoid",
                         batch_size=6, n_chunks=6)
-    assert not {0, 1} & set(topk.tolist())
+    assert set(topk.tolist()) <= set(range(2, 10))
 
     trials, with_pair, learnability = 300, 0, 0.0
     generator = _seeded(0)
@@ -312,24 +340,50 @@ def test_softmax_jest_dispatches_to_jest_select_softmax() -> None:
     assert torch.equal(chosen, jest_select_softmax(learner, reference, 10, 5, generator=_seeded(5)))
 
 
-def test_learnability_topk_scores_examples_independently() -> None:
+def _brute_super_batch_learnability(learner: torch.Tensor, reference: torch.Tensor, loss: str) -> torch.Tensor:
+    """Each example against the whole super-batch, from the definitions: sigmoid, row k plus column k of
+    M^θ - M^θ* (pair losses written out as softplus(-z·L)); softmax, CE_row_k + CE_col_k."""
+    if loss == "softmax":
+        return _super_batch_clip_terms(learner) - _super_batch_clip_terms(reference)
+    labels = 2 * torch.eye(learner.shape[0], dtype=learner.dtype) - 1
+    difference = functional.softplus(-labels * learner) - functional.softplus(-labels * reference)
+    return torch.tensor([float(difference[k, :].sum() + difference[:, k].sum()) for k in range(learner.shape[0])],
+                        dtype=learner.dtype)
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("kernel", ["native", "fallback"])
+def test_super_batch_learnability_is_each_examples_loss_terms_learner_minus_reference(
+    loss: str, kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if kernel == "fallback":
+        monkeypatch.setattr(native, "KERNEL", None)
     learner, reference = _matrix(30, seed=17, scale=3.0), _matrix(30, seed=18, scale=3.0)
-    sigmoid = select_batch("learnability_topk", learner_logits=learner, reference_logits=reference,
-                           loss="sigmoid", batch_size=7, n_chunks=7)
-    diagonal_scores = sigmoid_pair_losses(learner).diagonal() - sigmoid_pair_losses(reference).diagonal()
-    assert set(sigmoid.tolist()) == set(torch.topk(diagonal_scores, 7).indices.tolist())
+    torch.testing.assert_close(super_batch_learnability(learner, reference, loss),
+                               _brute_super_batch_learnability(learner, reference, loss), rtol=1e-9, atol=1e-9)
 
-    softmax = select_batch("learnability_topk", learner_logits=learner, reference_logits=reference,
-                           loss="softmax", batch_size=7, n_chunks=7)
-    labels = torch.arange(30)
 
-    def per_example(logits: torch.Tensor) -> torch.Tensor:
-        rows = functional.cross_entropy(logits, labels, reduction="none")
-        cols = functional.cross_entropy(logits.T, labels, reduction="none")
-        return (rows + cols) / 2
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+def test_learnability_topk_keeps_the_top_super_batch_learnability(loss: str) -> None:
+    """The independent baseline scores each example against the whole super-batch, not alone (for the sigmoid
+    loss it differs from the diagonal S_kk on these logits)."""
+    learner, reference = _matrix(30, seed=17, scale=3.0), _matrix(30, seed=18, scale=3.0)
+    chosen = select_batch("learnability_topk", learner_logits=learner, reference_logits=reference, loss=loss,
+                          batch_size=7, n_chunks=7)
+    expected = torch.topk(_brute_super_batch_learnability(learner, reference, loss), 7).indices
+    assert set(chosen.tolist()) == set(expected.tolist())
+    if loss == "sigmoid":
+        diagonal = sigmoid_pair_losses(learner).diagonal() - sigmoid_pair_losses(reference).diagonal()
+        assert set(chosen.tolist()) != set(torch.topk(diagonal, 7).indices.tolist())
 
-    expected = torch.topk(per_example(learner) - per_example(reference), 7).indices
-    assert set(softmax.tolist()) == set(expected.tolist())
+
+def test_super_batch_learnability_rejects_bad_input_by_name() -> None:
+    with pytest.raises(ValueError, match="loss: expected one of"):
+        super_batch_learnability(torch.zeros(4, 4), torch.zeros(4, 4), "hinge")
+    with pytest.raises(ValueError, match="reference_logits: shape"):
+        super_batch_learnability(torch.zeros(4, 4), torch.zeros(5, 5), "softmax")
+    with pytest.raises(ValueError, match="learner_logits: contains NaN"):
+        super_batch_learnability(torch.full((4, 4), math.nan), torch.zeros(4, 4), "sigmoid")
 
 
 def test_uniform_needs_only_the_super_batch_size() -> None:
@@ -608,4 +662,162 @@ def test_native_chunk_loop_stays_unique_even_if_the_conditional_sums_overflow() 
     scores = (numpy.sign(numpy.random.default_rng(0).standard_normal((16, 16))) * 3e38).astype(numpy.float32)
     out = numpy.empty(8, numpy.int64)
     native.KERNEL.pairwise_chunk_loop(scores, numpy.zeros((4, 16), numpy.float32), 2, out)
+    assert len(set(out.tolist())) == 8 and out.min() >= 0 and out.max() < 16
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Softmax (CLIP) selection: chunk 1, the native exp-domain loop against the torch log-domain scorer
+
+
+@pytest.mark.parametrize("kernel", ["native", "torch"])
+def test_softmax_first_chunk_follows_the_super_batch_learnability(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """6 items, one drawn: P(k) = softmax(CE_row_k + CE_col_k, learner minus reference). Chi-square over 6,000
+    seeded draws; as a power check the same counts must clearly reject the uniform first chunk of before."""
+    if kernel == "torch":
+        monkeypatch.setattr(native, "KERNEL", None)
+    learner, reference = _matrix(6, seed=30, scale=0.8), _matrix(6, seed=31, scale=0.8)
+    probability = torch.softmax(_super_batch_clip_terms(learner) - _super_batch_clip_terms(reference), dim=0)
+    assert float(probability.max() / probability.min()) > 3  # far from uniform, so the power check means something
+    draws, generator = 6_000, _seeded(5)
+    counts = numpy.zeros(6)
+    for _ in range(draws):
+        counts[int(jest_select_softmax(learner, reference, 1, 1, generator=generator))] += 1
+    assert chisquare(counts, (probability * draws).numpy()).pvalue > 1e-3
+    assert chisquare(counts, numpy.full(6, draws / 6)).pvalue < 1e-6
+
+
+def _clip_like_logits(size: int, seed: int, temperature: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Scaled CLIP logits of correlated unit embeddings, as the trainer hands to select_batch."""
+    generator = _seeded(seed)
+    image = functional.normalize(torch.randn(size, 32, generator=generator, dtype=dtype), dim=1)
+    text = functional.normalize(image + torch.randn(size, 32, generator=generator, dtype=dtype), dim=1)
+    return temperature * image @ text.T
+
+
+def _softmax_both_paths(learner: torch.Tensor | None, reference: torch.Tensor | None, batch_size: int,
+                        n_chunks: int, seed: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(native exp-domain kernel, torch log-domain scorer) chunks for the same models and generator seed."""
+    terms = [(sign, logits) for sign, logits in ((1.0, learner), (-1.0, reference)) if logits is not None]
+    stacked = _stack_terms(terms)
+    size = stacked.shape[1]
+    noise = _gumbel_noise((n_chunks, size), stacked, _seeded(seed))
+    scorer = _SoftmaxScorer(stacked.clone(), torch.tensor([sign for sign, _ in terms]))
+    torch_loop = _chunked_sample(scorer, size, batch_size, n_chunks, stacked, None, noise)
+    exps = _shifted_exps(stacked)
+    assert exps is not None
+    compiled = _softmax_chunk_loop_native(exps, [sign for sign, _ in terms], noise.to(exps.dtype),
+                                          batch_size // n_chunks)
+    assert compiled.dtype == torch.long and compiled.unique().numel() == batch_size
+    return _chunks(compiled.tolist(), n_chunks), _chunks(torch_loop.tolist(), n_chunks)
+
+
+@pytest.mark.parametrize(
+    ("size", "batch_size", "n_chunks"), [(320, 64, 16), (50, 50, 5), (33, 12, 1), (200, 160, 8), (7, 7, 7)]
+)
+@pytest.mark.parametrize(
+    ("temperature", "dtype"),
+    [(10.0, torch.float32), (100.0, torch.float32), (10.0, torch.float64), (300.0, torch.float64)],
+)
+def test_native_and_torch_softmax_loops_draw_the_same_chunks(
+    size: int, batch_size: int, n_chunks: int, temperature: float, dtype: torch.dtype
+) -> None:
+    """CPU softmax selection runs the native exp-domain loop; accelerators (and installs without the kernel) run
+    the torch log-domain scorer. Same logits and noise, same chunks: temperature 10 keeps float32 exps; 100
+    (a trained CLIP) needs float64 exps for float32 logits; 300 in float64 makes partition-growth factors of
+    ~e^300, so the kernel's products are renormalised and some totals overflow to the per-factor logs."""
+    assert native.KERNEL is not None, "the native kernel was not built: setup.py's extension failed"
+    for seed in range(3):
+        learner = _clip_like_logits(size, 2 * seed, temperature, dtype)
+        reference = _clip_like_logits(size, 2 * seed + 1, temperature, dtype)
+        compiled, torch_loop = _softmax_both_paths(learner, reference, batch_size, n_chunks, seed)
+        assert compiled == torch_loop, seed
+
+
+@pytest.mark.parametrize("model", ["learner", "reference"])
+def test_native_and_torch_softmax_loops_agree_for_single_model_methods(model: str) -> None:
+    """hard_learner (+1 · learner) and easy_reference (-1 · reference) run the same loops with one model."""
+    logits = _clip_like_logits(128, 7, 20.0)
+    learner, reference = (logits, None) if model == "learner" else (None, logits)
+    for seed in range(3):
+        compiled, torch_loop = _softmax_both_paths(learner, reference, 32, 8, seed)
+        assert compiled == torch_loop, seed
+
+
+@pytest.mark.parametrize("method", ["jest", "hard_learner", "easy_reference"])
+def test_softmax_selection_without_the_native_kernel_draws_the_same(method: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    learner, reference = _clip_like_logits(320, 0, 30.0), _clip_like_logits(320, 1, 30.0)
+
+    def select() -> list[list[int]]:
+        indices = select_batch(method, learner_logits=learner, reference_logits=reference, loss="softmax",
+                               batch_size=64, n_chunks=16, generator=_seeded(3))
+        return _chunks(indices.tolist(), 16)
+
+    with_native = select()
+    monkeypatch.setattr(native, "KERNEL", None)
+    assert select() == with_native
+
+
+def test_shifted_exps_picks_the_exp_domain_only_where_it_is_exact() -> None:
+    """Float32 exps while every positive is within 60 of the model's largest logit, float64 within 600, and no
+    exp domain beyond (the torch log-domain scorer takes over, which handles any finite logits)."""
+    logits = torch.zeros(2, 4, 4)
+    logits[:, 0, 1] = 50.0
+    exps = _shifted_exps(logits.clone())
+    assert exps is not None and exps.dtype == torch.float32 and float(exps.max()) == 1.0
+    logits[:, 0, 1] = 100.0
+    exps = _shifted_exps(logits.clone())
+    assert exps is not None and exps.dtype == torch.float64
+    logits[:, 0, 1] = 700.0
+    assert _shifted_exps(logits.clone()) is None
+    far = _matrix(12, seed=32, scale=1.0) * 0.0
+    far[0, 1] = 700.0
+    chosen = jest_select_softmax(far, _matrix(12, seed=33), 8, 4, generator=_seeded(0))
+    naive = _reference_sampler(lambda selected: _brute_softmax_conditional(far, _matrix(12, seed=33), selected),
+                               12, 8, 4, seed=0)
+    assert _chunks(chosen.tolist(), 4) == _chunks(naive, 4)
+
+
+@pytest.mark.parametrize(
+    ("exps", "signs", "noise", "per_chunk", "out", "error", "message"),
+    [
+        (numpy.ones((1, 4, 4), numpy.float32), [1.0], numpy.zeros((2, 4), numpy.float64), 2,
+         numpy.zeros(4, numpy.int64), TypeError, "same dtype"),
+        (numpy.ones((3, 4, 4), numpy.float32), [1.0] * 3, numpy.zeros((2, 4), numpy.float32), 2,
+         numpy.zeros(4, numpy.int64), ValueError, "M = 1 or 2"),
+        (numpy.ones((4, 4), numpy.float32), [1.0], numpy.zeros((2, 4), numpy.float32), 2,
+         numpy.zeros(4, numpy.int64), ValueError, r"\[M, B, B\]"),
+        (numpy.ones((2, 4, 4), numpy.float32), [1.0], numpy.zeros((2, 4), numpy.float32), 2,
+         numpy.zeros(4, numpy.int64), ValueError, "one sign per model"),
+        (numpy.ones((1, 4, 4), numpy.float32), [0.5], numpy.zeros((2, 4), numpy.float32), 2,
+         numpy.zeros(4, numpy.int64), ValueError, r"\+1 or -1"),
+        (numpy.ones((1, 4, 4), numpy.float32), 1.0, numpy.zeros((2, 4), numpy.float32), 2,
+         numpy.zeros(4, numpy.int64), TypeError, "signs: expected a sequence"),
+        (numpy.ones((1, 4, 4), numpy.float32), [1.0], numpy.zeros((2, 3), numpy.float32), 2,
+         numpy.zeros(4, numpy.int64), ValueError, "noise"),
+        (numpy.ones((1, 4, 4), numpy.float32), [1.0], numpy.zeros((2, 4), numpy.float32), 3,
+         numpy.zeros(6, numpy.int64), ValueError, "per_chunk"),
+        (numpy.ones((1, 4, 4), numpy.float32), [1.0], numpy.zeros((2, 4), numpy.float32), 2,
+         numpy.zeros(3, numpy.int64), ValueError, "out"),
+        (numpy.ones((1, 4, 4), numpy.float32), [1.0], numpy.zeros((2, 4), numpy.float32), 2,
+         numpy.zeros(4, numpy.int32), TypeError, "int64"),
+        (numpy.ones((1, 4, 8), numpy.float32)[:, :, ::2], [1.0], numpy.zeros((2, 4), numpy.float32), 2,
+         numpy.zeros(4, numpy.int64), ValueError, "exps: expected a C-contiguous array"),
+    ],
+)
+def test_native_softmax_kernel_refuses_arguments_it_cannot_use_safely(
+    exps: numpy.ndarray, signs: object, noise: numpy.ndarray, per_chunk: int, out: numpy.ndarray, error: type,
+    message: str,
+) -> None:
+    assert native.KERNEL is not None
+    with pytest.raises(error, match=message):
+        native.KERNEL.softmax_chunk_loop(exps, signs, noise, per_chunk, out)
+
+
+def test_native_softmax_kernel_stays_unique_on_degenerate_exps() -> None:
+    """Callers pass exps with a positive diagonal; zeros (log 0, 0/0) still never repeat an index."""
+    assert native.KERNEL is not None
+    out = numpy.empty(8, numpy.int64)
+    native.KERNEL.softmax_chunk_loop(numpy.zeros((2, 16, 16), numpy.float32), [1.0, -1.0],
+                                     numpy.zeros((4, 16), numpy.float32), 2, out)
     assert len(set(out.tolist())) == 8 and out.min() >= 0 and out.max() < 16
