@@ -35,7 +35,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -600,12 +600,33 @@ def model_input_shape(cfg: TrainingConfig) -> tuple[int, int, int]:
     return preprocess_spec(cfg.model).image_shape
 
 
-def _stream_spec(cfg: TrainingConfig, urls: str, field: str, *, seed: int, rank: int, world_size: int,
-                 batch_size: int) -> StreamSpec:  # fmt: skip
+def pair_sidecars(shards: Sequence[str], embeddings_urls: str) -> tuple[str, ...]:
+    """The sidecar shard of each data shard: ``reference.embeddingsUrls`` resolved, paired by file name.
+
+    ``jestctl score`` writes one sidecar per data shard under the data shard's own file name
+    (``iter_shard_batches`` yields batches that never span shards), so pairing needs no key index.
+    """
     from jest_trainer.shards import resolve_shards
 
+    sidecars = resolve_shards(embeddings_urls, field="reference.embeddingsUrls")
+    by_name = {url.rsplit("/", 1)[-1]: url for url in sidecars}
+    missing = [url for url in shards if url.rsplit("/", 1)[-1] not in by_name]
+    if missing:
+        raise ValueError(
+            f"reference.embeddingsUrls: no sidecar named like data shard {missing[0]!r} ({len(missing)} of "
+            f"{len(shards)} missing); run `jestctl score` over the same data.urls"
+        )
+    return tuple(by_name[url.rsplit("/", 1)[-1]] for url in shards)
+
+
+def _stream_spec(cfg: TrainingConfig, urls: str, field: str, *, seed: int, rank: int, world_size: int,
+                 batch_size: int, sidecars: str | None = None) -> StreamSpec:  # fmt: skip
+    from jest_trainer.shards import resolve_shards
+
+    shards = resolve_shards(urls, field=field)
     return StreamSpec(
-        shards=tuple(resolve_shards(urls, field=field)),
+        sidecars=pair_sidecars(shards, sidecars) if sidecars else (),
+        shards=tuple(shards),
         seed=seed,
         rank=rank,
         world_size=world_size,
@@ -647,6 +668,8 @@ def open_train_stream(
     transform has it, else the raw [0, 1] pixels); ``webdataset`` ->
     ``ShardStream`` over ``data.urls`` (resolved here: a pattern naming no shard raises ``ValueError``
     before any worker starts). ``transform`` and ``tokenizer`` must be picklable (loader workers).
+    With ``reference.mode: precomputed`` every batch carries ``reference`` = (image, text) embeddings
+    joined by key from the sidecar shards of ``reference.embeddingsUrls`` (``pair_sidecars``).
     """
     if cfg.data.source == "digits":
         pool = load_digits_demo(cfg.data.noise, seed=cfg.seed).pool
@@ -655,8 +678,10 @@ def open_train_stream(
                            image_fn=getattr(transform, "from_pixels", None))  # fmt: skip
     if not cfg.data.urls:
         raise ValueError("data.urls: required when data.source is 'webdataset'")
+    precomputed = getattr(cfg.reference, "mode", "online") == "precomputed"
     spec = _stream_spec(cfg, cfg.data.urls, "data.urls", seed=cfg.seed, rank=rank, world_size=world_size,
-                        batch_size=local_super_batch)  # fmt: skip
+                        batch_size=local_super_batch,
+                        sidecars=cfg.reference.embeddings_urls if precomputed else None)  # fmt: skip
     return _shard_stream(cfg, spec, transform, tokenizer, pin_memory)
 
 
@@ -798,6 +823,57 @@ def load_eval_set(
         skipped=dict(reader.skipped),
     )  # fmt: skip
 
+@dataclass
+class ShardBatch:
+    """Up to ``batch_size`` consecutive usable samples of one shard (what ``jestctl score`` embeds)."""
+
+    url: str
+    keys: list[str]
+    images: Tensor
+    tokens: Tensor
+
+
+class ShardScanner:
+    """Every usable sample of the shards, in shard and tar order, batched within each shard; broken ones counted.
+
+    Why: precomputed reference embeddings are written one sidecar shard per data shard, keys in data
+    order, which is what lets training join them without a key index (``pair_sidecars``).
+    """
+
+    def __init__(self, urls: str, *, transform: ImageTransformLike, tokenizer: Tokenizer, batch_size: int,
+                 cfg: TrainingConfig | None = None, field: str = "data.urls") -> None:  # fmt: skip
+        from jest_trainer.shards import resolve_shards
+
+        data_cfg = (cfg or TrainingConfig()).data
+        self.shards = resolve_shards(urls, field=field)
+        self.batch_size = batch_size
+        self.tokenizer = tokenizer
+        spec = StreamSpec(shards=tuple(self.shards), seed=0, rank=0, world_size=1, readers_per_rank=1, batch_size=1,
+                          shuffle_buffer=0, read_retries=data_cfg.read_retries,
+                          retry_backoff_seconds=data_cfg.retry_backoff_seconds, field=field)  # fmt: skip
+        self._reader = EvalReader(spec, transform)
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Samples skipped so far, by reason."""
+        return self._reader.skipped
+
+    def __iter__(self) -> Iterator[ShardBatch]:
+        for url in self.shards:
+            rows = []
+            for row in self._reader.rows_of(url):
+                rows.append(row)
+                if len(rows) == self.batch_size:
+                    yield self._batch(url, rows)
+                    rows = []
+            if rows:
+                yield self._batch(url, rows)
+
+    def _batch(self, url: str, rows: list) -> ShardBatch:
+        return ShardBatch(url=url, keys=[row.key for row in rows], images=torch.stack([row.image for row in rows]),
+                          tokens=self.tokenizer([row.caption for row in rows]))  # fmt: skip
+
+
 __all__ = [
     "CAPTION_TEMPLATES",
     "DIGITS_IMAGE_SHAPE",
@@ -807,6 +883,8 @@ __all__ = [
     "DigitsDemo",
     "EvalSet",
     "PairTable",
+    "ShardBatch",
+    "ShardScanner",
     "ShardStream",
     "SuperBatch",
     "TableStream",
@@ -822,6 +900,7 @@ __all__ = [
     "model_input_shape",
     "open_curated_stream",
     "open_train_stream",
+    "pair_sidecars",
     "read_webdataset",
     "shard_pattern",
     "stroke_features",

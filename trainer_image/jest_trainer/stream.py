@@ -29,7 +29,8 @@ continues, so a resumed run yields the very same sample keys, batch by batch, as
 **Broken data** is skipped and counted by reason (``SKIP_REASONS``): ``decode_error`` (image bytes that
 do not decode), ``missing_image``, ``missing_caption``, ``empty_caption``, ``bad_caption`` (not UTF-8),
 ``bad_label`` (a ``cls`` that is not an integer), ``truncated`` (a shard ending inside a tar member)
-and ``unreadable_shard`` (a shard that cannot be read after retries; counts shards). The first problem
+``unreadable_shard`` (a shard that cannot be read after retries; counts shards) and
+``missing_reference`` (precomputed reference mode: no sidecar embedding for the key). The first problem
 of each shard in each epoch is logged with its sample key. ``check_skip_fraction`` raises
 ``DataQualityError`` once more than ``data.maxSkipFraction`` of what was read is skipped; the stream
 calls it after every batch.
@@ -38,6 +39,7 @@ calls it after every batch.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -62,8 +64,10 @@ SKIP_REASONS: tuple[str, ...] = (
     "bad_label",
     "truncated",
     "unreadable_shard",
+    "missing_reference",
 )
 IMAGE_FIELDS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+SIDECAR_FIELDS: tuple[str, str] = ("ref_image.npy", "ref_text.npy")  # == reference.SIDECAR_IMAGE/TEXT_FIELD
 UNKNOWN_NOISE = "unknown"
 MIN_SEEN_FOR_SKIP_CHECK = 200
 STATE_VERSION = 1
@@ -248,8 +252,13 @@ class StreamSpec:
     read_retries: int = 3
     retry_backoff_seconds: float = 1.0
     field: str = "data.urls"
+    sidecars: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.sidecars and len(self.sidecars) != len(self.shards):
+            raise ValueError(
+                f"reference.embeddingsUrls: {len(self.sidecars)} sidecar shard(s) for {len(self.shards)} data shard(s)"
+            )
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
         if not 0 <= self.rank < self.world_size:
@@ -292,6 +301,7 @@ class _Decoded:
     key: str
     label: int
     noise: str
+    reference: tuple[Tensor, ...] | None = None
 
 
 class _ReaderPipeline:
@@ -351,12 +361,18 @@ class _ReaderPipeline:
         self, urls: Sequence[str], shard: int, offset: int, *, quiet: bool = False
     ) -> Iterator[tuple[int, int, dict]]:
         sink = (lambda *args: None) if quiet else self._problem
+        sidecar_of = dict(zip(self.spec.shards, self.spec.sidecars, strict=True)) if self.spec.sidecars else {}
         for position in range(shard, len(urls)):
             start = offset if position == shard else 0
-            for index, sample in read_raw_samples(
-                urls[position], start=start, retries=self.spec.read_retries,
-                backoff_seconds=self.spec.retry_backoff_seconds, on_problem=sink,
-            ):  # fmt: skip
+            url = urls[position]
+            if url in sidecar_of:
+                samples = _joined_samples(url, sidecar_of[url], start=start, spec=self.spec, on_problem=sink)
+            else:
+                samples = read_raw_samples(
+                    url, start=start, retries=self.spec.read_retries,
+                    backoff_seconds=self.spec.retry_backoff_seconds, on_problem=sink,
+                )  # fmt: skip
+            for index, sample in samples:
                 yield position, index, sample
 
     def _restore_buffer(self, urls: Sequence[str]) -> list[dict]:
@@ -437,6 +453,17 @@ class _ReaderPipeline:
                 self._count("bad_label", url, key, f"cls {sample['cls'][:20]!r} is not an integer")
                 return None
         noise = sample["noise"].decode("utf-8", "replace").strip() if "noise" in sample else UNKNOWN_NOISE
+        reference = None
+        if self.spec.sidecars:
+            if not all(name in sample for name in SIDECAR_FIELDS):
+                self._count("missing_reference", url, key, "no precomputed reference embedding for this key")
+                return None
+            try:
+                reference = tuple(torch.from_numpy(np.load(io.BytesIO(sample[name])).astype(np.float32))
+                                  for name in SIDECAR_FIELDS)  # fmt: skip
+            except (ValueError, OSError) as error:
+                self._count("missing_reference", url, key, f"unreadable embedding ({error})")
+                return None
         try:
             image = self.transform(sample[image_field], sample_seed=key_seed(self.spec.seed, self.epoch, key))
         except ImageDecodeError as error:
@@ -446,7 +473,7 @@ class _ReaderPipeline:
             self._count("decode_error", url, key, f"{type(error).__name__}: {error}")
             return None
         self.epoch_valid += 1
-        return _Decoded(image=image, caption=caption or "", key=key, label=label, noise=noise)
+        return _Decoded(image=image, caption=caption or "", key=key, label=label, noise=noise, reference=reference)
 
     def _batch(self, rows: list[_Decoded]) -> dict[str, Any]:
         captions = [row.caption for row in rows]
@@ -457,6 +484,10 @@ class _ReaderPipeline:
             "captions": captions,
             "labels": torch.tensor([row.label for row in rows], dtype=torch.long),
             "noise_kind": [row.noise for row in rows],
+            "reference": None if rows[0].reference is None else (
+                torch.stack([row.reference[0] for row in rows]),  # type: ignore[index]
+                torch.stack([row.reference[1] for row in rows]),  # type: ignore[index]
+            ),
             "worker": self.worker,
             "cursor": self.cursor(),
         }
@@ -500,6 +531,14 @@ class EvalReader:
         """Samples skipped so far, by reason."""
         return dict(self._pipeline.skipped)
 
+    def rows_of(self, url: str) -> Iterator[_Decoded]:
+        """The usable samples of one shard, in tar order."""
+        pipeline = self._pipeline
+        for _, _, sample in pipeline._raw([url], 0, 0):
+            decoded = pipeline._decode(sample)
+            if decoded is not None:
+                yield decoded
+
     def read(self, limit: int) -> list[_Decoded]:
         """The first ``limit`` usable samples of the shards (fewer when the shards hold fewer)."""
         pipeline = self._pipeline
@@ -511,6 +550,30 @@ class EvalReader:
                 if len(rows) >= limit:
                     break
         return rows
+
+
+def _joined_samples(
+    url: str, sidecar: str, *, start: int, spec: StreamSpec, on_problem: Any
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Data shard ``url`` merge-joined by key with its sidecar shard (embeddings ``jestctl score`` wrote).
+
+    The sidecar holds a subsequence of the data shard's keys in the same order (samples broken at
+    scoring time are absent); each data sample gets the sidecar's ``SIDECAR_FIELDS`` when its key
+    matches, else none (the decoder skips it as ``missing_reference``). Streams both in lockstep: no
+    index of keys is held.
+    """
+    options = {"retries": spec.read_retries, "backoff_seconds": spec.retry_backoff_seconds}
+    side = read_raw_samples(sidecar, on_problem=on_problem, **options)
+    pending = next(side, None)
+    for index, sample in read_raw_samples(url, on_problem=on_problem, **options):
+        if pending is not None and pending[1]["__key__"] == sample["__key__"]:
+            for name in SIDECAR_FIELDS:
+                if name in pending[1]:
+                    sample[name] = pending[1][name]
+            pending = next(side, None)
+        if index >= start:
+            yield index, sample
+    side.close()
 
 
 def _identity(item: Any) -> Any:
@@ -610,6 +673,7 @@ class ShardStream(TrainStream):
         return SuperBatch(
             images=item["images"], tokens=item["tokens"], keys=list(item["keys"]), labels=item["labels"],
             noise_kind=list(item["noise_kind"]), captions=list(item["captions"]),
+            reference=None if item["reference"] is None else (item["reference"][0], item["reference"][1]),
         )  # fmt: skip
 
     @property
@@ -775,6 +839,7 @@ class TableStream(TrainStream):
 
 __all__ = [
     "IMAGE_FIELDS",
+    "SIDECAR_FIELDS",
     "SKIP_REASONS",
     "DataQualityError",
     "EvalReader",

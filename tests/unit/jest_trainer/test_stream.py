@@ -14,6 +14,7 @@ from jest_trainer import data
 from jest_trainer.config import TrainingConfig
 from jest_trainer.models import hash_tokenize
 from jest_trainer.preprocess import ImageTransform, PreprocessSpec, build_image_transform
+from jest_trainer.shards import read_raw_samples
 from jest_trainer.stream import (
     DataQualityError,
     ShardStream,
@@ -248,3 +249,59 @@ def test_eval_set_is_bounded_and_labels_are_optional(tmp_path: Path) -> None:
 def test_open_train_stream_rejects_a_pattern_naming_no_shard(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"data\.urls: shard .*missing-000000.tar' does not exist"):
         _open(_cfg(str(tmp_path / "missing-{000000..000003}.tar")))
+
+
+def _write_sidecars(out: Path, shards: list[Path], *, dim: int, drop: set[str]) -> None:
+    """One sidecar per data shard (same file name), keys in data order: what ``jestctl score`` writes."""
+    import numpy as np
+    import webdataset as wds
+
+    out.mkdir()
+    for path in shards:
+        with wds.TarWriter(str(out / path.name)) as writer:
+            for _, sample in read_raw_samples(str(path)):
+                name = sample["__key__"]
+                if name in drop:
+                    continue
+                seed = int(name[1:4]) * 100 + int(name[5:])
+                writer.write({"__key__": name, "ref_image.npy": np.full(dim, seed, dtype=np.float16),
+                              "ref_text.npy": np.full(dim, -seed, dtype=np.float16)})  # fmt: skip
+
+
+def test_precomputed_reference_embeddings_are_joined_by_key(tmp_path: Path) -> None:
+    shards = sf.write_shards(tmp_path / "data", shards=2, per_shard=6)
+    _write_sidecars(tmp_path / "emb", shards, dim=4, drop={sf.key(1, 2)})
+    cfg = TrainingConfig.model_validate({
+        "data": {"source": "webdataset", "urls": sf.pattern(tmp_path / "data", 2), "loaderWorkers": 0},
+        "model": {"imageSize": 8},
+        "reference": {"mode": "precomputed", "checkpoint": str(tmp_path / "reference.pt"),
+                      "embeddingsUrls": str(tmp_path / "emb" / "*.tar")},
+    })  # fmt: skip
+    with _open(cfg, batch=11) as stream:
+        batch = next(stream)
+        assert stream.skipped == {"missing_reference": 1}
+    assert sf.key(1, 2) not in batch.keys and len(set(batch.keys)) == 11
+    assert batch.reference is not None
+    image, text = batch.reference
+    assert image.shape == text.shape == (11, 4) and image.dtype == torch.float32
+    for row, name in enumerate(batch.keys):
+        seed = int(name[1:4]) * 100 + int(name[5:])
+        assert float(image[row, 0]) == seed and float(text[row, 3]) == -seed
+    (tmp_path / "emb" / "s-000001.tar").unlink()
+    with pytest.raises(ValueError, match=r"reference\.embeddingsUrls: no sidecar named like data shard"):
+        _open(cfg)
+
+
+def test_shard_scanner_batches_within_shards_in_order(tmp_path: Path) -> None:
+    sf.write_shards(tmp_path, shards=2, per_shard=5, broken={sf.key(0, 1): "decode_error"})
+    scanner = data.ShardScanner(sf.pattern(tmp_path, 2), transform=ImageTransform(SPEC), tokenizer=hash_tokenize,
+                                batch_size=3)  # fmt: skip
+    batches = list(scanner)
+    assert [(Path(b.url).name, b.keys) for b in batches] == [
+        ("s-000000.tar", [sf.key(0, 0), sf.key(0, 2), sf.key(0, 3)]),
+        ("s-000000.tar", [sf.key(0, 4)]),
+        ("s-000001.tar", [sf.key(1, 0), sf.key(1, 1), sf.key(1, 2)]),
+        ("s-000001.tar", [sf.key(1, 3), sf.key(1, 4)]),
+    ]
+    assert batches[0].images.shape == (3, 3, 8, 8) and batches[0].tokens.shape[0] == 3
+    assert scanner.skipped == {"decode_error": 1}
