@@ -116,14 +116,18 @@ def run_selection(
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run every method on every seed and return the benchmark document (see the module docstring)."""
-    import torch
 
-    from jest_trainer.train import DistContext, prepare, train, zero_shot_accuracy
+    from jest_trainer.data import load_eval_set
+    from jest_trainer.distributed import single_process
+    from jest_trainer.evaluate import evaluate
+    from jest_trainer.preprocess import build_image_transform
+    from jest_trainer.reference import reference_model_config
+    from jest_trainer.train import prepare, train
 
     unknown = [method for method in methods if method not in SELECTION_METHODS]
     if unknown:
         raise ValueError(f"--methods: unknown {unknown}; expected a subset of {SELECTION_METHODS}")
-    ctx = DistContext(world_size=1, rank=0, local_rank=0, backend=None, device=torch.device("cpu"))
+    ctx = single_process("cpu")
     env = {"JEST_PROGRESS": "plain", "JEST_JOB_NAME": "bench"}
     energy = WorkerConfig(energy=EnergyConfig(backend="modelled")).energy
     runs: dict[str, list[dict[str, Any]]] = {method: [] for method in methods}
@@ -136,9 +140,11 @@ def run_selection(
                 checkpoint_dir=workdir, overrides=overrides,
             )
             prepared = prepare(base, ctx, cache_dir=None)
-            ref_acc = zero_shot_accuracy(
-                prepared.reference.model, prepared.demo.test, prepared.demo.class_prompts, device=ctx.device
-            )
+            reference = prepared.reference
+            transform = build_image_transform(reference_model_config(base), base.data, train=False,
+                                              image_spec=reference.image_spec)
+            eval_set = load_eval_set(base, transform=transform, tokenizer=reference.tokenizer)
+            ref_acc = evaluate(reference, eval_set, device=ctx.device)[0]
             reference_accuracy.append(ref_acc)
             for method in methods:
                 run_dir = Path(workdir) / method

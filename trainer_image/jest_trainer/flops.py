@@ -9,8 +9,10 @@ executes on one rank, with multiply-add = 2 FLOPs:
   negatives), also x3 for the backward pass.
 - ``selection_learner``: a no-grad forward of both towers over the rank's super-batch ``B`` and the
   ``B x B`` learner logit matrix — only for methods that look at the learner.
-- ``selection_reference``: the ``B x B`` reference logit matrix computed from *cached* reference
-  embeddings (no reference forward at all) — only for methods that look at the reference.
+- ``selection_reference``: the ``B x B`` reference logit matrix, plus — in ``reference.mode: online`` —
+  the frozen reference's no-grad forward of both towers over the super-batch ``B``. In ``precomputed``
+  mode the embeddings were written by ``jestctl score`` beforehand, so only the logit matrix is
+  counted. Only for methods that look at the reference.
 
 The O(B·b) selection arithmetic itself (pair losses, conditional scores, Gumbel top-k) is not model
 compute and is timed instead of counted (phase ``selection``); zero-shot evaluation is not training
@@ -41,12 +43,15 @@ def step_flops(
     global_batch: int,
     local_super_batch: int,
     reference_embed_dim: int | None = None,
+    reference_forward_per_example: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """FLOPs one rank spends in one step, per kind (keys = ``FLOP_KINDS``).
 
     ``forward_per_example`` is the learner's forward cost per example, ``{"image": F_i, "text": F_t}``
     (``jest_trainer.models.forward_flops_per_example``); ``reference_embed_dim`` is the width of the cached
-    reference embeddings (default: ``embed_dim``). The uniform baseline scores nothing, so its
+    reference embeddings (default: ``embed_dim``); ``reference_forward_per_example`` is the reference's
+    forward cost per example when it embeds each super-batch (online mode; None = precomputed
+    embeddings, no reference forward). The uniform baseline scores nothing, so its
     selection kinds are zero; reference-only and learner-only methods pay for one side only.
     """
     per_example = float(forward_per_example["image"]) + float(forward_per_example["text"])
@@ -64,6 +69,10 @@ def step_flops(
     if method in REFERENCE_SCORED_METHODS:
         width = embed_dim if reference_embed_dim is None else reference_embed_dim
         reference = logits_flops(local_super_batch, local_super_batch, width)
+        if reference_forward_per_example is not None:
+            reference += local_super_batch * (
+                float(reference_forward_per_example["image"]) + float(reference_forward_per_example["text"])
+            )
     return {"train": train, "selection_learner": learner, "selection_reference": reference}
 
 

@@ -1,9 +1,14 @@
-"""The frozen reference model: train it on curated data (or load it), then cache its pool embeddings.
+"""The frozen reference model: train it on curated data (or load it), then score super-batches with it.
 
-JEST's learnability needs the reference loss of every candidate pair in every super-batch. The
-reference never changes, so its image and text embeddings of the whole pool (and its t*, b*) are
-computed once; the reference logit matrix of a super-batch is then a single ``[B, D] @ [D, B]``
-product, with no reference forward pass per step (JEST.md, "Reference model").
+JEST's learnability needs the reference loss of every candidate pair in every super-batch. Two modes
+(``training.reference.mode``), neither of which needs a pass over the whole pool before training:
+
+- ``online``: the frozen reference embeds each super-batch as it arrives (no grad; bf16 autocast on
+  CUDA, where the device has it), one reference forward of B examples per step;
+- ``precomputed``: ``jestctl score`` ran the reference over the shards once and wrote its per-sample
+  embeddings as sidecar shards keyed by ``__key__`` (``write_sidecars``); the input pipeline joins
+  them into ``SuperBatch.reference``, so a step spends no reference FLOPs beyond the ``[B, D] @ [D, B]``
+  logit product (JEST.md, "Reference model").
 
 Distributed contract: only rank 0 trains (or loads) the reference; its parameters are then broadcast
 to every rank, so all ranks score against bit-identical references without each paying for the
@@ -17,9 +22,11 @@ distributed ``contrastive_loss``), so it cannot deadlock while other ranks wait.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +42,9 @@ from jest_trainer.config import ModelConfig, TrainingConfig
 log = logging.getLogger(__name__)
 
 REFERENCE_FILE_NAME = "reference.pt"
+SIDECAR_MANIFEST = "reference.json"
+SIDECAR_IMAGE_FIELD = "ref_image.npy"
+SIDECAR_TEXT_FIELD = "ref_text.npy"
 EMBED_CHUNK = 1024
 
 
@@ -43,27 +53,63 @@ class ReferenceTrainingInterruptedError(RuntimeError):
 
 
 @dataclass
-class ReferenceModel:
-    """A frozen reference with cached embeddings of every pool example (rows = global pool indices)."""
+class ReferenceScorer:
+    """Reference logits of a super-batch, online (embed it now) or precomputed (joined embeddings).
+
+    ``input_spec`` is the image spec of the batches' images (the learner's); when the reference's own
+    spec differs, images are converted before the reference sees them. ``logit_scale``/``logit_bias``
+    are the frozen t*, b*.
+    """
 
     model: nn.Module
-    image_embeddings: Tensor
-    text_embeddings: Tensor
+    mode: str
+    input_spec: Any
     logit_scale: Tensor
     logit_bias: Tensor
 
     @property
     def embed_dim(self) -> int:
-        """Width D of the cached embeddings."""
-        return int(self.image_embeddings.shape[1])
+        """Width D of the reference embeddings."""
+        return int(self.model.embed_dim)
 
-    def logits(self, indices: Tensor, *, loss: str) -> Tensor:
-        """Reference logit matrix ``[B, B]`` of the pool examples ``indices`` (one matrix product)."""
-        image = self.image_embeddings.index_select(0, indices)
-        text = self.text_embeddings.index_select(0, indices)
+    def embeddings(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """``(image, text)`` reference embeddings of the batch's rows (normalised, float32)."""
+        if self.mode == "precomputed":
+            if getattr(batch, "reference", None) is None:
+                raise ValueError(
+                    "training.reference.mode: 'precomputed' but this super-batch carries no reference embeddings "
+                    "(set training.reference.embeddingsUrls to the sidecar shards `jestctl score` wrote)"
+                )
+            image, text = batch.reference
+            return image.float(), text.float()
+        return embed_batch(self.model, batch.images, batch.tokens, input_spec=self.input_spec)
+
+    def logits(self, batch: Any, *, loss: str) -> Tensor:
+        """Reference logit matrix ``[B, B]`` of the super-batch."""
+        image, text = self.embeddings(batch)
+        scale, bias = self.logit_scale.to(image.device), self.logit_bias.to(image.device)
         if loss == "sigmoid":
-            return losses.sigmoid_logits(image, text, self.logit_scale, self.logit_bias)
-        return losses.softmax_logits(image, text, self.logit_scale)
+            return losses.sigmoid_logits(image, text, scale, bias)
+        return losses.softmax_logits(image, text, scale)
+
+
+def _reference_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast where the device has it (CUDA with bf16 support); full precision elsewhere."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def embed_batch(model: nn.Module, images: Tensor, tokens: Tensor, *, input_spec: Any = None) -> tuple[Tensor, Tensor]:
+    """The frozen reference's normalised float32 embeddings of one batch (no grad, bf16 where available)."""
+    from jest_trainer.models import convert_input
+
+    if input_spec is not None:
+        images = convert_input(images, input_spec, model.image_spec)
+    with _reference_autocast(images.device):
+        image, text = model.encode_image(images), model.encode_text(tokens)
+    return image.float(), text.float()
 
 
 def reference_model_config(cfg: TrainingConfig) -> ModelConfig:
@@ -87,46 +133,87 @@ def train_reference(
     device: torch.device,
     should_stop: Callable[[], bool] | None = None,
 ) -> nn.Module:
-    """Train a fresh reference on the curated ``PairTable`` with AdamW + cosine decay, seeded by ``cfg.seed``.
+    """Train a fresh reference on curated pairs with AdamW + cosine decay, seeded by ``cfg.seed``.
 
-    Batches are drawn without replacement epoch by epoch from a generator seeded by the job seed, so
-    the result depends only on the config and the data. ``should_stop`` is polled every step; when it
-    answers True, :class:`ReferenceTrainingInterruptedError` is raised (a SIGTERM must not wait for a long
-    reference training to finish: the pod's grace period is short).
+    ``curated`` is an in-memory ``PairTable`` of pixels in [0, 1] (the digits demo's curated split;
+    batches drawn without replacement epoch by epoch from a generator seeded by the job seed) or a
+    function ``model -> TrainStream`` of model-input batches (``reference.train.urls`` shards, built for
+    the fresh model's image spec and tokenizer). Either way the result depends only on the config and
+    the data. ``should_stop`` is polled every step; when it answers True,
+    :class:`ReferenceTrainingInterruptedError` is raised (a SIGTERM must not wait for a long reference
+    training to finish: the pod's grace period is short).
     """
     from jest_trainer.models import build_model
 
     train_cfg = cfg.reference.train
     if train_cfg is None:
         raise ValueError("training.reference.train: required when training.reference.checkpoint is not set")
+    torch.manual_seed(cfg.seed + 7_919)
+    model = build_model(reference_model_config(cfg), image_shape=image_shape).to(device)
+    batches = curated(model) if callable(curated) else _table_batches(curated, model, train_cfg.batch_size, cfg.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=cfg.optimizer.weight_decay)
+    model.train()
+    try:
+        for step in range(train_cfg.steps):
+            if should_stop is not None and should_stop():
+                raise ReferenceTrainingInterruptedError(f"stopped at reference step {step} of {train_cfg.steps}")
+            images, tokens = next(batches)
+            for group in optimizer.param_groups:
+                group["lr"] = train_cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / train_cfg.steps))
+            loss = batch_loss(model, images.to(device), tokens.to(device), kind=cfg.selection.loss)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+    return freeze(model)
+
+
+def _table_batches(curated: Any, model: nn.Module, batch_size: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless ``(images, tokens)`` batches of an in-memory table, without replacement per epoch."""
+    from jest_trainer.models import to_model_input
+
     count = len(curated)
     if count < 2:
         raise ValueError(f"training.reference: the curated split has {count} examples; need at least 2")
-    batch_size = min(train_cfg.batch_size, count)
-    torch.manual_seed(cfg.seed + 7_919)
-    model = build_model(reference_model_config(cfg), image_shape=image_shape).to(device)
-    tokens = model.tokenize(list(curated.captions)).to(device)
-    images = curated.images.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=cfg.optimizer.weight_decay)
-    generator = torch.Generator().manual_seed(cfg.seed + 104_729)
+    batch_size = min(batch_size, count)
+    tokens = model.tokenize(list(curated.captions))
+    images = to_model_input(curated.images, model.image_spec)
+    generator = torch.Generator().manual_seed(seed + 104_729)
     order = torch.randperm(count, generator=generator)
     cursor = 0
-    model.train()
-    for step in range(train_cfg.steps):
-        if should_stop is not None and should_stop():
-            raise ReferenceTrainingInterruptedError(f"stopped at reference step {step} of {train_cfg.steps}")
+    while True:
         if cursor + batch_size > count:
             order = torch.randperm(count, generator=generator)
             cursor = 0
-        batch = order[cursor : cursor + batch_size].to(device)
+        rows = order[cursor : cursor + batch_size]
         cursor += batch_size
-        for group in optimizer.param_groups:
-            group["lr"] = train_cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / train_cfg.steps))
-        loss = batch_loss(model, images.index_select(0, batch), tokens.index_select(0, batch), kind=cfg.selection.loss)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return freeze(model)
+        yield images.index_select(0, rows), tokens.index_select(0, rows)
+
+
+class _StreamBatches:
+    """``(images, tokens)`` of a ``TrainStream``'s super-batches (closes the stream with it)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def __iter__(self) -> _StreamBatches:
+        return self
+
+    def __next__(self) -> tuple[Tensor, Tensor]:
+        batch = next(self.stream)
+        return batch.images, batch.tokens
+
+    def close(self) -> None:
+        """Stop the stream's loader workers."""
+        self.stream.close()
+
+
+def stream_batches(stream: Any) -> _StreamBatches:
+    """Adapt a curated ``TrainStream`` to ``train_reference``'s ``(images, tokens)`` batches."""
+    return _StreamBatches(stream)
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -174,16 +261,6 @@ def load_reference(
     return freeze(model.to(device)), model_config
 
 
-@torch.no_grad()
-def embed_pairs(model: nn.Module, images: Tensor, tokens: Tensor, *, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Normalised image and text embeddings of aligned pairs, computed in chunks (no gradient)."""
-    image_parts, text_parts = [], []
-    for start in range(0, images.shape[0], EMBED_CHUNK):
-        image_parts.append(model.encode_image(images[start : start + EMBED_CHUNK].to(device)))
-        text_parts.append(model.encode_text(tokens[start : start + EMBED_CHUNK].to(device)))
-    return torch.cat(image_parts), torch.cat(text_parts)
-
-
 def broadcast_module(model: nn.Module, *, src: int = 0) -> None:
     """Copy rank ``src``'s parameters and buffers into every rank's ``model`` (in place)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -194,20 +271,20 @@ def broadcast_module(model: nn.Module, *, src: int = 0) -> None:
 
 def build_reference(
     cfg: TrainingConfig,
-    demo: Any,
+    curated: Any,
     *,
     image_shape: tuple[int, ...],
     device: torch.device,
     rank: int = 0,
     cache_dir: Path | None = None,
     should_stop: Callable[[], bool] | None = None,
-) -> ReferenceModel:
-    """Load or train the reference (rank 0), broadcast it, and cache its embeddings of ``demo.pool``.
+) -> nn.Module:
+    """Load or train the frozen reference (rank 0) and broadcast it to every rank.
 
     Order of sources: ``training.reference.checkpoint``; else ``<cache_dir>/reference.pt`` from an
-    earlier attempt of this job; else train on ``demo.curated`` and store it in ``cache_dir``.
-    Every rank must call this (it contains a collective when distributed). ``should_stop`` is passed to
-    :func:`train_reference`.
+    earlier attempt of this job; else train on the ``curated`` ``PairTable`` and store it in
+    ``cache_dir``. Every rank must call this (it contains a collective when distributed).
+    ``should_stop`` is passed to :func:`train_reference`.
     """
     from jest_trainer.models import build_model
 
@@ -224,9 +301,7 @@ def build_reference(
             log.info("loading the reference trained by an earlier attempt from %s", cached)
             model, model_config = load_reference(cached, cfg, image_shape=image_shape, device=device)
         else:
-            model = train_reference(
-                cfg, demo.curated, image_shape=image_shape, device=device, should_stop=should_stop
-            )
+            model = train_reference(cfg, curated, image_shape=image_shape, device=device, should_stop=should_stop)
             if cached is not None:
                 save_reference(model, cached, model_config)
     if distributed:
@@ -236,13 +311,71 @@ def build_reference(
     if model is None:
         model = freeze(build_model(model_config, image_shape=image_shape).to(device))
     broadcast_module(model)
-    pool = demo.pool
-    tokens = model.tokenize(list(pool.captions))
-    image_embeddings, text_embeddings = embed_pairs(model, pool.images, tokens, device=device)
-    return ReferenceModel(
+    return model
+
+
+def make_scorer(cfg: TrainingConfig, model: nn.Module, *, input_spec: Any) -> ReferenceScorer:
+    """The scorer of ``training.reference.mode`` around the frozen ``model``."""
+    return ReferenceScorer(
         model=model,
-        image_embeddings=image_embeddings,
-        text_embeddings=text_embeddings,
+        mode=cfg.reference.mode,
+        input_spec=input_spec,
         logit_scale=model.logit_scale.detach().clone(),
         logit_bias=model.logit_bias.detach().clone(),
     )
+
+
+def write_sidecars(
+    model: nn.Module,
+    batches: Iterable[tuple[list[str], Tensor, Tensor]],
+    *,
+    out_dir: Path,
+    input_spec: Any,
+    maxcount: int = 10_000,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
+    """Write the reference's embeddings of ``(keys, images, tokens)`` batches as sidecar WebDataset shards.
+
+    Each sample is ``__key__`` + ``ref_image.npy`` + ``ref_text.npy`` (float16, normalised), in
+    ``out_dir/ref-%06d.tar``; ``out_dir/reference.json`` records t*, b*, the width and the shard
+    pattern, which training checks against its own reference. Returns that manifest.
+    """
+    import numpy as np
+    import webdataset as wds
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = device or next(model.parameters()).device
+    count = 0
+    with wds.ShardWriter(str(out_dir / "ref-%06d.tar"), maxcount=maxcount, verbose=0) as writer:
+        for keys, images, tokens in batches:
+            image, text = embed_batch(model, images.to(device), tokens.to(device), input_spec=input_spec)
+            image_rows = image.cpu().to(torch.float16).numpy()
+            text_rows = text.cpu().to(torch.float16).numpy()
+            for row, key in enumerate(keys):
+                writer.write({"__key__": key, SIDECAR_IMAGE_FIELD: np.ascontiguousarray(image_rows[row]),
+                              SIDECAR_TEXT_FIELD: np.ascontiguousarray(text_rows[row])})
+            count += len(keys)
+    shards = math.ceil(count / maxcount)
+    manifest = {
+        "kind": "jest-reference-embeddings",
+        "samples": count,
+        "embedDim": int(model.embed_dim),
+        "logitScale": float(model.logit_scale),
+        "logitBias": float(model.logit_bias),
+        "urls": str(out_dir / f"ref-{{000000..{max(0, shards - 1):06d}}}.tar"),
+        "fields": {"image": SIDECAR_IMAGE_FIELD, "text": SIDECAR_TEXT_FIELD},
+    }
+    (out_dir / SIDECAR_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def iter_chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of ``size`` items (the last may be shorter)."""
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -19,9 +19,12 @@ from jest_trainer.models import (
     OpenClipContrastiveModel,
     TinyContrastiveModel,
     build_model,
+    convert_input,
     forward_flops_per_example,
     hash_tokenize,
     register_openclip_config,
+    tiny_image_spec,
+    to_model_input,
 )
 
 DIGITS_SHAPE = (1, 8, 8)
@@ -52,6 +55,7 @@ def one_torch_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def pairs() -> tuple[torch.Tensor, list[str]]:
+    """16 curated digits as pixels in [0, 1] (tests convert them to each model's input)."""
     curated = load_digits_demo(NoiseConfig(), seed=0).curated
     return curated.images[:16], curated.captions[:16]
 
@@ -76,8 +80,8 @@ def test_tiny_towers_embed_into_the_unit_sphere(pairs: tuple[torch.Tensor, list[
     torch.manual_seed(0)
     model = build_model(ModelConfig(embed_dim=48), image_shape=DIGITS_SHAPE)
     assert isinstance(model, TinyContrastiveModel)
-    images, captions = pairs
-    image, text = model(images, model.tokenize(captions))
+    pixels, captions = pairs
+    image, text = model(to_model_input(pixels, model.image_spec), model.tokenize(captions))
     assert image.shape == (16, 48) and text.shape == (16, 48)
     assert torch.allclose(image.norm(dim=-1), torch.ones(16), atol=1e-5)
     assert torch.allclose(text.norm(dim=-1), torch.ones(16), atol=1e-5)
@@ -90,7 +94,8 @@ def test_tiny_towers_embed_into_the_unit_sphere(pairs: tuple[torch.Tensor, list[
 def test_tiny_towers_learn_digits_pairs(pairs: tuple[torch.Tensor, list[str]]) -> None:
     torch.manual_seed(0)
     model = build_model(ModelConfig(), image_shape=DIGITS_SHAPE)
-    images, captions = pairs
+    pixels, captions = pairs
+    images = to_model_input(pixels, model.image_spec)
     tokens = model.tokenize(captions)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     first = _siglip_loss(model, images, tokens).item()
@@ -101,13 +106,61 @@ def test_tiny_towers_learn_digits_pairs(pairs: tuple[torch.Tensor, list[str]]) -
     assert _siglip_loss(model, images, tokens).item() < 0.6 * first
 
 
-@pytest.mark.parametrize(("embed_dim", "image_shape"), [(64, (1, 8, 8)), (32, (3, 4, 4))])
+@pytest.mark.parametrize(("embed_dim", "image_shape"), [(64, (1, 8, 8)), (32, (3, 64, 64))])
 def test_tiny_flops_match_a_hand_count(embed_dim: int, image_shape: tuple[int, int, int]) -> None:
     model = build_model(ModelConfig(embed_dim=embed_dim), image_shape=image_shape)
-    pixels = math.prod(image_shape)
-    hand_image = 2 * (pixels * 256 + 256 * 256 + 256 * embed_dim)
+    channels, size = image_shape[0], image_shape[-1]
+    first = size if size <= 16 else size // 2  # the first conv strides by 2 above 16 px
+    second = first // 2
+    conv1 = 2 * first * first * 32 * channels * 9
+    conv2 = 2 * second * second * 64 * 32 * 9
+    hand_image = conv1 + conv2 + 2 * (64 * 16 * 256 + 256 * embed_dim)
     hand_text = 2 * (128 * 256 + 256 * embed_dim)  # mean pooling is elementwise, not counted
-    assert forward_flops_per_example(model, image_shape) == {"image": hand_image, "text": hand_text}
+    assert forward_flops_per_example(model) == {"image": hand_image, "text": hand_text}
+
+
+@pytest.mark.slow
+def test_tiny_tower_learns_natural_rgb_where_the_background_is_not_zero() -> None:
+    """RGB images on a bright, varying background: the conv tower on normalised input retrieves each
+    image's caption (same-caption rows share a class, so the loss itself cannot reach zero)."""
+    generator = torch.Generator().manual_seed(0)
+    classes, per_class = 4, 8
+    colours = torch.rand(classes, 3, 1, 1, generator=generator)
+    background = 0.6 + 0.3 * torch.rand(classes * per_class, 3, 1, 1, generator=generator)
+    pixels = background.expand(-1, -1, 32, 32).clone()
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    for row, label in enumerate(labels.tolist()):  # a coloured square whose position encodes the class
+        top, left = 4 + 12 * (label // 2), 4 + 12 * (label % 2)
+        pixels[row, :, top : top + 10, left : left + 10] = colours[label]
+    pixels = (pixels + 0.05 * torch.randn(pixels.shape, generator=generator)).clamp(0, 1)
+    names = ("apple orchard", "boat harbour", "cloud sky", "drum music")
+    captions = [names[label] for label in labels.tolist()]
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(embed_dim=32, image_size=32), image_shape=(3, 32, 32))
+    images, tokens = to_model_input(pixels, model.image_spec), model.tokenize(captions)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    for _ in range(100):
+        optimizer.zero_grad()
+        _siglip_loss(model, images, tokens).backward()
+        optimizer.step()
+    with torch.no_grad():
+        image, text = model(images, tokens)
+    assert ((image @ text.T).argmax(dim=1) // per_class == labels).float().mean() > 0.9
+
+
+def test_image_specs_and_input_conversion() -> None:
+    grey = tiny_image_spec((1, 8, 8))
+    assert grey.shape == (1, 8, 8) and grey.mean == (0.5,) and grey.std == (0.5,)
+    rgb = tiny_image_spec((3, 64, 64), ModelConfig(image_size=32))
+    assert rgb.shape == (3, 32, 32) and len(rgb.mean) == 3
+    pixels = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    model_input = to_model_input(pixels, grey)
+    assert torch.allclose(model_input, (pixels - 0.5) / 0.5)
+    assert to_model_input(pixels, rgb).shape == (2, 3, 32, 32)
+    assert convert_input(model_input, grey, grey) is model_input
+    assert torch.allclose(convert_input(model_input, grey, rgb), to_model_input(pixels, rgb), atol=1e-6)
+    with pytest.raises(ValueError, match="channels"):
+        to_model_input(torch.rand(1, 2, 8, 8), rgb)
 
 
 def test_openclip_tiny_vit_trains_a_step_on_digits(pairs: tuple[torch.Tensor, list[str]]) -> None:
@@ -115,13 +168,14 @@ def test_openclip_tiny_vit_trains_a_step_on_digits(pairs: tuple[torch.Tensor, li
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch="openclip:jest-test-tiny-vit"), image_shape=DIGITS_SHAPE)
     assert isinstance(model, OpenClipContrastiveModel)
-    assert model.embed_dim == 32 and model.model_image_size == (16, 16)
+    assert model.embed_dim == 32 and model.image_spec.shape == (3, 16, 16)
     names = dict(model.named_parameters())
     assert "extra_logit_bias" in names and "clip.logit_scale" in names  # CLIP configs have no bias
-    images, captions = pairs
+    pixels, captions = pairs
     tokens = model.tokenize(captions)
     assert tokens.shape == (16, 16) and tokens.dtype == torch.long
-    assert model.adapt_images(images).shape == (16, 3, 16, 16)
+    images = to_model_input(pixels, model.image_spec)
+    assert images.shape == (16, 3, 16, 16)
     image, text = model(images, tokens)
     assert torch.allclose(image.norm(dim=-1), torch.ones(16), atol=1e-5)
     assert torch.allclose(text.norm(dim=-1), torch.ones(16), atol=1e-5)
@@ -149,7 +203,7 @@ def test_openclip_flops_match_the_vit_closed_form() -> None:
     patches = (16 // 4) ** 2
     image = 2 * patches * (3 * 4 * 4) * width + encoder(patches + 1, 2) + 2 * width * embed
     text = encoder(16, 2) + 2 * width * embed
-    assert forward_flops_per_example(model, DIGITS_SHAPE) == {"image": image, "text": text}
+    assert forward_flops_per_example(model) == {"image": image, "text": text}
     assert torch.backends.mha.get_fastpath_enabled()  # restored after counting
 
 

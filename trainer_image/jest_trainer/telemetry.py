@@ -1,0 +1,285 @@
+"""What the loop tells the outside world: phase timing, Prometheus, the progress file, the progress bar.
+
+Why one module: the loop body should read "score, select, optimise", not perf_counter arithmetic and
+JSON documents. ``PhaseTimer`` times the named phases of one step (DESIGN.md §5 ``phase`` label);
+``Telemetry`` owns the energy meter, the rank's ``TrainerMetrics``, rank 0's reporter and progress file
+(``JEST_STATUS_FILE``, read by the operator and ``jestctl run``), and the signal-driven stop flag.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from jest_trainer import checkpoint as ckpt
+from jest_trainer.distributed import DistContext, sync
+
+log = logging.getLogger("jest_trainer.train")
+
+PHASES: tuple[str, ...] = ("data", "selection", "forward_backward", "optimizer", "checkpoint")
+STEP_TIME_SMOOTHING = 0.1
+LOOP_METRIC_NAMES: tuple[str, ...] = ("jest_eval_retrieval_recall", "jest_data_samples_skipped_total")
+
+
+def now_iso() -> str:
+    """UTC now as ``YYYY-MM-DDTHH:MM:SSZ`` (checkpoint and progress stamps)."""
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def unix_time(iso: str | None) -> float:
+    """Unix time of a checkpoint's ISO stamp (now when it has none, e.g. a checkpoint from an older trainer)."""
+    try:
+        return dt.datetime.fromisoformat(iso).timestamp() if iso else time.time()
+    except ValueError:
+        return time.time()
+
+
+class PhaseTimer:
+    """Wall time per named phase of one step; ``with timer("selection"): ...`` adds to that phase.
+
+    The device is synchronised on exit of each phase so asynchronous CUDA work is charged to the phase
+    that queued it. The ``data`` phase is the time blocked on the input pipeline for the next
+    super-batch (plus its host-to-device copy): its share of the step is the data-wait fraction.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        """Time the enclosed block as ``phase`` (one of ``PHASES``)."""
+        if phase not in self.seconds:
+            raise ValueError(f"phase: unknown {phase!r}; expected one of {PHASES}")
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync(self.device)
+            self.seconds[phase] += time.perf_counter() - begin
+
+    @property
+    def total(self) -> float:
+        """Seconds of the whole step (sum over phases)."""
+        return sum(self.seconds.values())
+
+
+class StopFlag:
+    """Set by SIGTERM (or an extra poll function); the loop checks it, agreed across ranks, per step."""
+
+    def __init__(self, extra: Callable[[], bool] | None = None) -> None:
+        self.requested = False
+        self._extra = extra
+
+    def request(self, signum: int, _frame: Any) -> None:
+        """Signal handler: remember the request; the loop checkpoints at the next step boundary."""
+        log.warning("received signal %d: checkpointing at the next step boundary", signum)
+        self.requested = True
+
+    def __call__(self) -> bool:
+        """Whether a stop was requested (signal or the extra poll)."""
+        return self.requested or (self._extra is not None and self._extra())
+
+
+@contextlib.contextmanager
+def signal_handlers(flag: StopFlag, enabled: bool) -> Iterator[None]:
+    """Route SIGTERM to ``flag`` for the duration (main thread only; restores the previous handler)."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, flag.request)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Reporter:
+    """Progress output of rank 0: a rich progress bar or one plain log line per log interval."""
+
+    def __init__(self, mode: str, total_steps: int, start_step: int) -> None:
+        self.mode = mode
+        self._progress = None
+        self._task = None
+        if mode == "rich":
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]JEST[/bold]"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[eps]} ex/s"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+            )
+            self._task = self._progress.add_task(
+                "train", total=total_steps, completed=start_step, loss="-", acc="-", eps="-"
+            )
+            self._progress.start()
+
+    def update(self, *, step: int, total: int, loss: float, accuracy: float | None, examples_per_second: float) -> None:
+        """Show the newest step, loss, last accuracy and throughput."""
+        acc = "-" if accuracy is None else f"{accuracy:.3f}"
+        if self._progress is not None:
+            self._progress.update(
+                self._task, completed=step, loss=f"{loss:.4f}", acc=acc, eps=f"{examples_per_second:,.0f}"
+            )
+        else:
+            log.info("step %d/%d loss %.4f acc %s examples/s %.1f", step, total, loss, acc, examples_per_second)
+
+    def close(self) -> None:
+        """Stop the progress bar (no-op for plain lines)."""
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def progress_mode(env: Mapping[str, str]) -> str:
+    """``JEST_PROGRESS`` (rich | plain); default rich on a terminal, plain otherwise."""
+    mode = env.get("JEST_PROGRESS", "").strip().lower()
+    if mode in ("rich", "plain"):
+        return mode
+    if mode:
+        raise ValueError(f"JEST_PROGRESS: expected 'rich' or 'plain', got {mode!r}")
+    return "rich" if sys.stderr.isatty() else "plain"
+
+
+class _LoopCollector(Collector):
+    """Series the loop adds to the rank's registry: retrieval recall and skipped samples (read at scrape)."""
+
+    def __init__(self, trainingjob: str, rank: int) -> None:
+        self._base = [trainingjob, str(rank)]
+        self.recall: dict[tuple[str, int], float] = {}
+        self.skipped: Callable[[], Mapping[str, int]] = dict
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        recall = GaugeMetricFamily(
+            "jest_eval_retrieval_recall", "Last retrieval recall@k on the eval set (0-1).",
+            labels=["trainingjob", "rank", "direction", "k"],
+        )
+        for (direction, k), value in sorted(self.recall.items()):
+            recall.add_metric([*self._base, direction, str(k)], value)
+        yield recall
+        skipped = CounterMetricFamily(
+            "jest_data_samples_skipped", "Training samples the input pipeline skipped, by reason.",
+            labels=["trainingjob", "rank", "reason"],
+        )
+        for reason, count in sorted(self.skipped().items()):
+            skipped.add_metric([*self._base, reason], float(count))
+        yield skipped
+
+
+class Telemetry:
+    """Energy meter, Prometheus metrics, progress bar and progress file of one rank, started together.
+
+    ``start`` serves metrics and starts the meter; ``close`` stops both. ``write_progress`` is a no-op off
+    rank 0. The per-step smoothing of step time (``STEP_TIME_SMOOTHING``) feeds the progress file's
+    ``examplesPerSecond`` and ``stepSeconds``.
+    """
+
+    def __init__(
+        self, config: Any, env: Mapping[str, str], ctx: DistContext, *, status_file: Path, total_steps: int,
+        restored_joules: float,
+    ) -> None:
+        from jest_trainer.distributed import env_int
+        from jest_trainer.energy import create_meter
+        from jest_trainer.metrics import TrainerMetrics
+
+        self.ctx = ctx
+        self.status_file = status_file
+        self.total_steps = total_steps
+        self.mode = progress_mode(env)
+        self.metrics_port = env_int(env, "JEST_METRICS_PORT", 0)
+        self.attempt = env_int(env, "JEST_ATTEMPT", 0)
+        self.meter = create_meter(
+            config.energy, device_kind=ctx.device.type, device_indices=[ctx.local_rank], initial_joules=restored_joules
+        )
+        self.metrics = TrainerMetrics(trainingjob=env.get("JEST_JOB_NAME", "local"), rank=ctx.rank)
+        self.metrics.attach_energy(self.meter)
+        self.loop_series = _LoopCollector(self.metrics.trainingjob, ctx.rank)
+        self.metrics.registry.register(self.loop_series)
+        self.reporter: Reporter | None = None
+        self.smoothed_step = 0.0
+        self.started_at = time.monotonic()
+
+    def start(self, start_step: int) -> None:
+        """Serve ``/metrics`` (port ``JEST_METRICS_PORT`` + local rank), start the meter and the reporter."""
+        if self.metrics_port > 0:
+            # torchrun runs several ranks in one pod: local rank r serves on JEST_METRICS_PORT + r (the pod
+            # declares those ports as metrics-<r>), so ranks never contend for one port.
+            self.metrics.serve(self.metrics_port + self.ctx.local_rank)
+        self.meter.start()
+        self.started_at = time.monotonic()
+        if self.ctx.is_main:
+            self.reporter = Reporter(self.mode, self.total_steps, start_step)
+
+    def observe_step(self, timer: PhaseTimer, *, examples: int, candidates: int, flops: Mapping[str, float],
+                     loss: float) -> None:
+        """Record one finished step in Prometheus and in the smoothed step time."""
+        seconds = timer.total
+        self.smoothed_step = seconds if self.smoothed_step == 0 else (
+            (1 - STEP_TIME_SMOOTHING) * self.smoothed_step + STEP_TIME_SMOOTHING * seconds
+        )
+        self.metrics.observe_step(
+            duration_seconds=seconds, phase_seconds=timer.seconds, examples=examples, candidates=candidates,
+            flops=flops, loss=loss, selection_ratio=examples / candidates,
+        )
+
+    def examples_per_second(self, global_batch: int) -> float:
+        """Trained examples per second of the job at the smoothed step time."""
+        return global_batch / self.smoothed_step if self.smoothed_step > 0 else 0.0
+
+    def report(self, *, step: int, loss: float, accuracy: float | None, global_batch: int) -> None:
+        """One progress-bar update / log line (rank 0)."""
+        if self.reporter is not None:
+            self.reporter.update(step=step, total=self.total_steps, loss=loss, accuracy=accuracy,
+                                 examples_per_second=self.examples_per_second(global_batch))
+
+    def observe_eval(self, accuracy: float | None, recall: Mapping[str, Mapping[int, float]] | None) -> None:
+        """Record the latest zero-shot accuracy and retrieval recall (either may be absent)."""
+        if accuracy is not None:
+            self.metrics.observe_eval(accuracy)
+        for direction, by_k in (recall or {}).items():
+            for k, value in by_k.items():
+                self.loop_series.recall[(direction, int(k))] = float(value)
+
+    def watch_skipped(self, skipped: Callable[[], Mapping[str, int]]) -> None:
+        """Export ``jest_data_samples_skipped_total{reason}`` from the input pipeline's running counts."""
+        self.loop_series.skipped = skipped
+
+    def write_progress(self, document: Mapping[str, Any]) -> None:
+        """Atomically write rank 0's progress file (contract with the operator and ``jestctl run``)."""
+        if self.ctx.is_main:
+            ckpt.atomic_write_json(self.status_file, {**document, "updatedAt": now_iso()})
+
+    def elapsed(self) -> float:
+        """Seconds since ``start`` (at least 1 ns)."""
+        return max(1e-9, time.monotonic() - self.started_at)
+
+    def close(self) -> None:
+        """Stop the reporter, the meter and the metrics server."""
+        self.meter.stop()
+        if self.reporter is not None:
+            self.reporter.close()
+        self.metrics.close()
+
+
+def nan_to_none(value: float) -> float | None:
+    """JSON-safe float: NaN (no value yet) becomes None."""
+    return None if math.isnan(value) else value
