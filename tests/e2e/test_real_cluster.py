@@ -16,6 +16,7 @@ import copy
 import json
 import os
 import re
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -292,3 +293,47 @@ def test_in_cluster_clients_authenticate_as_the_pods_service_account(user_cluste
                timeout=60, what="the client pod to finish")
     log = cluster.pod_log(namespace, "client", "main")
     assert "pods 1" in log and "secrets 403" in log, log
+
+
+def process_group_members(pgid: int) -> list[int]:
+    """Live pids in process group ``pgid`` (from /proc; zombies excluded)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(stat.parent.name))
+    return members
+
+
+def test_node_agent_shutdown_kills_every_process_group_it_started(user_cluster: UserCluster, agent_namespace: str,
+                                                                  tmp_path: Path) -> None:
+    """A second agent (its own Node) runs a pod whose process has a child; SIGTERM to the agent ends both."""
+    import subprocess
+    import sys
+
+    cluster, namespace, node = user_cluster, agent_namespace, "jest-node-shutdown"
+    agent = subprocess.Popen([sys.executable, "-m", "hack.devcluster.node_agent", "--kubeconfig",
+                              str(cluster.cp.kubeconfig), "--workdir", str(tmp_path), "--node-name", node],
+                             cwd=REPO_ROOT, stdout=(tmp_path / "agent.log").open("w"), stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    try:
+        family = "import subprocess, time\nsubprocess.Popen(['sleep', '300'])\ntime.sleep(300)\n"
+        apply(cluster, namespace, pod_manifest("family", ["python3", "-c", family],
+                                               nodeSelector={"kubernetes.io/hostname": node}))
+        status = wait_until(lambda: (s := pod_status(cluster, namespace, "family")).get("phase") == "Running" and s,
+                            timeout=60, what="the pod to run on the second node")
+        leader = int(status["containerStatuses"][0]["containerID"].removeprefix("local://"))
+        wait_until(lambda: len(process_group_members(leader)) == 2, timeout=30, what="the child process to start")
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=30) == 0, (tmp_path / "agent.log").read_text()
+        assert process_group_members(leader) == []
+    finally:
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+            agent.wait(timeout=10)
+        # nothing runs this node any more: finish the pod's deletion ourselves, then drop the Node
+        cluster.kubectl("delete", "pod", "family", "-n", namespace, "--grace-period=0", "--force", check=False)
+        cluster.kubectl("delete", "node", node, "--wait=false", check=False)
