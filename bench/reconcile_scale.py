@@ -1,13 +1,19 @@
-"""Reconcile at scale: N jobs against the KMock emulator with the real operator process.
+"""Reconcile at scale: N jobs with the real operator process, on a real API server or the KMock emulator.
 
 Measures, per job, the time from its CR creation (the POST returning) to all of its pods existing, the
-operator's resident memory (sampled), and whether any pod was lost, duplicated or recreated once the
-system settled (several resync periods later). Writes JSON (+ a PNG of the latency distribution):
+operator's resident memory (sampled) and CPU, the servers' CPU, and whether any pod was lost, duplicated
+or recreated once the system settled (several resync periods later). Writes JSON (+ a PNG of the latency
+distributions):
 
-    .venv/bin/python bench/reconcile_scale.py --jobs 100 --out bench/results/reconcile_scale.json
+    .venv/bin/python bench/reconcile_scale.py --backend real --jobs 100 1000 \
+        --out bench/results/reconcile_scale_real.json
+    .venv/bin/python bench/reconcile_scale.py --backend emulator --jobs 100 --out bench/results/reconcile_scale.json
 
-The emulator is in-memory and on the same machine, so these figures are the operator's own overhead
-(Kopf watch -> handler -> plan -> API calls), not a real API server's latency. Goal: p50 < 1 s.
+``real`` starts kube-apiserver + etcd + kube-controller-manager from hack/devcluster (built from source,
+``make controlplane``), applies the CRD with kubectl and runs the operator with the admin kubeconfig (the
+RBAC is exercised by tests/integration/kube); there is no kubelet, so pods are only created, never run.
+``emulator`` is KMock in-memory: its figures are the operator's own overhead (Kopf watch -> handler ->
+plan -> API calls) without a real server's admission, etcd writes and watch fan-out. Goal: p50 < 1 s.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +62,66 @@ def wait_until(predicate: Any, timeout: float, what: str) -> None:
     raise TimeoutError(f"timed out waiting for {what}")
 
 
+@dataclass
+class Server:
+    """An API server for the benchmark: where it is, a session authorised for it, what runs it."""
+
+    kind: str
+    url: str
+    kubeconfig: Path
+    session: requests.Session
+    pids: dict[str, int]
+    close: Callable[[], None]
+    kubectl_args: list[str] = field(default_factory=list)
+
+
+def start_emulator(workdir: Path) -> Server:
+    """KMock on a free port, with the CRD applied by kubectl."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([sys.executable, str(EMULATOR), "--port", str(port), "--no-crd"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    session = requests.Session()
+
+    def up() -> bool:
+        try:
+            return session.get(url + "/version", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    wait_until(up, 30, "the emulator")
+    kubeconfig = workdir / "kubeconfig"
+    kubeconfig.write_text(
+        f"apiVersion: v1\nkind: Config\nclusters: [{{name: k, cluster: {{server: '{url}'}}}}]\n"
+        "users: [{name: u, user: {token: t}}]\ncontexts: [{name: c, context: {cluster: k, user: u}}]\n"
+        "current-context: c\n")
+    subprocess.run(["kubectl", f"--kubeconfig={kubeconfig}", f"--cache-dir={workdir / 'cache'}", "apply",
+                    "--validate=false", "-f", str(REPO / "crds")], check=True, capture_output=True)
+    return Server("emulator", url, kubeconfig, session, {"emulator": process.pid}, lambda: stop(process))
+
+
+def start_real(workdir: Path) -> Server:
+    """etcd + kube-apiserver + kube-controller-manager (hack/devcluster), with the CRD applied server-side."""
+    sys.path.insert(0, str(REPO))
+    from hack.devcluster.controlplane import start_control_plane
+
+    cp = start_control_plane(workdir / "cluster", die_with_parent=True)
+    try:
+        cp.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+        cp.kubectl("wait", "--for=condition=Established", "crd/jesttrainingjobs.jest.training", "--timeout=60s")
+    except BaseException:
+        cp.stop()
+        raise
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {cp.token}"
+    session.verify = str(cp.ca_path)
+    session.trust_env = False  # REQUESTS_CA_BUNDLE would otherwise replace the cluster CA
+    return Server("real", cp.server, cp.kubeconfig, session, dict(cp.pids), cp.stop)
+
+
+BACKENDS: dict[str, Callable[[Path], Server]] = {"emulator": start_emulator, "real": start_real}
+
+
 def job_manifest(name: str, num_nodes: int) -> dict:
     """A small valid job (the operator only creates pods here; nothing trains)."""
     return {
@@ -81,25 +149,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
-def run(jobs: int, num_nodes: int, resync_seconds: float, settle_seconds: float, workdir: Path,
+def run(backend: str, jobs: int, num_nodes: int, resync_seconds: float, settle_seconds: float, workdir: Path,
         rate: float = 0.0) -> dict:
-    """Start emulator + operator, create the jobs, measure; returns the result document."""
-    emulator_port = free_port()
-    url = f"http://127.0.0.1:{emulator_port}"
-    emulator = subprocess.Popen([sys.executable, str(EMULATOR), "--port", str(emulator_port), "--no-crd"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    """Start the server + operator, create the jobs, measure; returns the result document."""
+    server = BACKENDS[backend](workdir)
+    url, session = server.url, server.session
     operator = None
     try:
-        wait_until(lambda: _ok(url + "/version"), 30, "the emulator")
-        kubeconfig = workdir / "kubeconfig"
-        kubeconfig.write_text(
-            f"apiVersion: v1\nkind: Config\nclusters: [{{name: k, cluster: {{server: '{url}'}}}}]\n"
-            "users: [{name: u, user: {token: t}}]\ncontexts: [{name: c, context: {cluster: k, user: u}}]\n"
-            "current-context: c\n")
-        subprocess.run(["kubectl", f"--kubeconfig={kubeconfig}", f"--cache-dir={workdir / 'cache'}", "apply",
-                        "--validate=false", "-f", str(REPO / "crds")], check=True, capture_output=True)
         liveness, metrics = free_port(), free_port()
-        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "KUBECONFIG": str(server.kubeconfig), "OMP_NUM_THREADS": "1"}
         operator = subprocess.Popen(
             [sys.executable, "-m", "jest_operator.main", "-n", "default", "--liveness-port", str(liveness),
              "--liveness-host", "127.0.0.1", "--metrics-port", str(metrics), "--resync-seconds", str(resync_seconds)],
@@ -129,7 +187,7 @@ def run(jobs: int, num_nodes: int, resync_seconds: float, settle_seconds: float,
         def watch_pods() -> None:
             """One watch stream (cheap for the server, unlike polling LISTs): note when each job has its pods."""
             seen: dict[str, set[str]] = {}
-            with requests.get(url + PODS_PATH, params={"watch": "true"}, stream=True, timeout=(10, 600)) as stream, \
+            with session.get(url + PODS_PATH, params={"watch": "true"}, stream=True, timeout=(10, 900)) as stream, \
                     contextlib.suppress(requests.RequestException):
                 for line in stream.iter_lines():
                     if stop_polling.is_set():
@@ -154,28 +212,31 @@ def run(jobs: int, num_nodes: int, resync_seconds: float, settle_seconds: float,
             if rate > 0:
                 time.sleep(max(0.0, started + index / rate - time.monotonic()))
             name = f"scale-{index:04d}"
-            response = requests.post(url + JOBS_PATH, json=job_manifest(name, num_nodes), timeout=60)
+            response = session.post(url + JOBS_PATH, json=job_manifest(name, num_nodes), timeout=60)
             response.raise_for_status()
             created[name] = time.monotonic()
         creation_seconds = time.monotonic() - started
-        wait_until(lambda: len(complete) == jobs, 300, "every job's pods")
+        wait_until(lambda: len(complete) == jobs, 900, "every job's pods")
         all_pods_seconds = max(complete.values()) - started
         stop_polling.set()
 
         first = {p["metadata"]["name"]: p["metadata"]["uid"]
-                 for p in requests.get(url + PODS_PATH, timeout=60).json()["items"]}
+                 for p in session.get(url + PODS_PATH, timeout=60).json()["items"]}
         time.sleep(settle_seconds)
-        items = requests.get(url + PODS_PATH, timeout=60).json()["items"]
+        items = session.get(url + PODS_PATH, timeout=60).json()["items"]
         sampling.set()
         sampler.join()
         final = {p["metadata"]["name"]: p["metadata"]["uid"] for p in items}
         expected = {f"scale-{i:04d}-node-{n}" for i in range(jobs) for n in range(num_nodes)}
-        statuses = requests.get(url + JOBS_PATH, timeout=60).json()["items"]
+        statuses = session.get(url + JOBS_PATH, timeout=60).json()["items"]
         operator_metrics = requests.get(f"http://127.0.0.1:{metrics}/metrics", timeout=10).text
         latencies = [complete[name] - created[name] for name in created]
-        cpu = {"operator": _cpu_seconds(operator.pid), "emulator": _cpu_seconds(emulator.pid)}
+        cpu = {"operator": _cpu_seconds(operator.pid),
+               **{name: _cpu_seconds(pid) for name, pid in server.pids.items()}}
         return {
-            "what": "time from a JESTTrainingJob's creation to all of its pods existing, real operator vs KMock",
+            "what": f"time from a JESTTrainingJob's creation to all of its pods existing, real operator on "
+                    f"{'a real kube-apiserver + etcd' if backend == 'real' else 'KMock'}",
+            "backend": backend,
             "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                         "load_average_1m": os.getloadavg()[0]},
             "parameters": {"jobs": jobs, "num_nodes": num_nodes, "resync_seconds": resync_seconds,
@@ -198,7 +259,7 @@ def run(jobs: int, num_nodes: int, resync_seconds: float, settle_seconds: float,
     finally:
         if operator is not None:
             stop(operator)
-        stop(emulator)
+        server.close()
 
 
 def _cpu_seconds(pid: int) -> float | None:
@@ -231,49 +292,68 @@ def plot(scenarios: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
     for result in scenarios:
         latencies = sorted(result["latencies_seconds"])
-        rate = result["parameters"]["creation_rate_per_second"]
-        label = f"{'burst' if rate == 'burst' else f'{rate:g} jobs/s'}: p50 {result['latency_seconds']['p50']:.2f} s"
+        parameters = result["parameters"]
+        rate = parameters["creation_rate_per_second"]
+        label = (f"{result.get('backend', 'emulator')}, {parameters['jobs']} jobs "
+                 f"{'burst' if rate == 'burst' else f'at {rate:g}/s'}: p50 {result['latency_seconds']['p50']:.2f} s, "
+                 f"p95 {result['latency_seconds']['p95']:.2f} s")
         ax.plot(latencies, [(i + 1) / len(latencies) for i in range(len(latencies))], drawstyle="steps-post",
                 label=label)
     ax.axvline(1.0, color="grey", linestyle=":", label="goal p50 < 1 s")
-    ax.set_xlabel("seconds from CR creation to all pods created")
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds from CR creation to all pods created (log)")
     ax.set_ylabel("fraction of jobs")
-    parameters = scenarios[0]["parameters"]
-    ax.set_title(f"{parameters['jobs']} jobs x {parameters['num_nodes']} pods, real operator vs KMock")
-    ax.legend()
+    ax.set_title(f"creation to pods, x {scenarios[0]['parameters']['num_nodes']} pods per job (2 shared cores)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry: a burst (every job at once) and a paced run (``--rate`` jobs per second)."""
+    """CLI entry: for each job count, a burst (every job at once) and, optionally, a paced run (``--rate``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=100)
+    parser.add_argument("--backend", choices=sorted(BACKENDS), default="emulator")
+    parser.add_argument("--jobs", type=int, nargs="+", default=[100])
     parser.add_argument("--num-nodes", type=int, default=2)
     parser.add_argument("--resync-seconds", type=float, default=5.0)
     parser.add_argument("--settle-seconds", type=float, default=12.0)
-    parser.add_argument("--rate", type=float, default=2.0, help="jobs per second of the paced scenario")
+    parser.add_argument("--rate", type=float, default=2.0, help="jobs per second of the paced scenario (0: none)")
+    parser.add_argument("--paced-max-jobs", type=int, default=100, help="run the paced scenario up to this many jobs")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "reconcile_scale.json")
+    parser.add_argument("--beside", type=Path, default=None,
+                        help="another result file (e.g. the emulator's) whose scenarios are plotted alongside")
     args = parser.parse_args(argv)
     scenarios = []
-    for rate in (0.0, args.rate):
-        with tempfile.TemporaryDirectory() as tmp:
-            scenarios.append(run(args.jobs, args.num_nodes, args.resync_seconds, args.settle_seconds, Path(tmp), rate))
+    for jobs in args.jobs:
+        rates = [0.0] + ([args.rate] if args.rate > 0 and jobs <= args.paced_max_jobs else [])
+        for rate in rates:
+            with tempfile.TemporaryDirectory() as tmp:
+                scenarios.append(run(args.backend, jobs, args.num_nodes, args.resync_seconds, args.settle_seconds,
+                                     Path(tmp), rate))
+    notes = {
+        "emulator": "The emulator is an in-memory single-threaded Python server on the same 2 shared cores as the "
+                    "operator; the burst scenario creates every job back to back (queueing in both processes), the "
+                    "paced one shows the operator's per-job creation-to-pods latency without a queue.",
+        "real": "kube-apiserver v1.37 + etcd + kube-controller-manager built from source, on the same 2 shared "
+                "cores as the operator and this client; every write goes through admission (ServiceAccount, "
+                "OwnerReferencesPermissionEnforcement), validation and etcd. The burst scenario creates every job "
+                "back to back; the paced one shows per-job latency without a queue.",
+    }
     document = {
         "benchmark": "reconcile_scale",
-        "note": "The emulator is an in-memory single-threaded Python server on the same 2 shared cores as the "
-                "operator; the burst scenario creates every job back to back (queueing in both processes), the "
-                "paced one shows the operator's per-job creation-to-pods latency without a queue. Pods are read "
-                "from a watch-fed Kopf index, so the 5 s resync costs one GET per job and no LIST.",
+        "backend": args.backend,
+        "note": notes[args.backend] + " Pods, ConfigMaps and Services are read from watch-fed Kopf indexes, so the "
+                "5 s resync costs one GET per job and no LIST.",
         "scenarios": scenarios,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=2) + "\n")
-    plot(scenarios, args.out.with_suffix(".png"))
+    beside = json.loads(args.beside.read_text())["scenarios"] if args.beside else []
+    plot(scenarios + beside, args.out.with_suffix(".png"))
     bad = False
     for result in scenarios:
         summary = {k: result[k] for k in ("parameters", "latency_seconds", "goal", "operator_rss_bytes",

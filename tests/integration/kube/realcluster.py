@@ -183,7 +183,13 @@ def wait_pods(cluster: RealCluster, name: str, count: int, *, attempt: int | Non
             return None
         return pods or [{}]
 
-    found = wait_for(ready, timeout=timeout, what=f"{count} pods of {name} (attempt {attempt})")
+    try:
+        found = wait_for(ready, timeout=timeout, what=f"{count} pods of {name} (attempt {attempt})")
+    except BaseException:
+        job = cluster.job(name) or {}
+        print(f"job {name} status: {json.dumps(job.get('status'))}\npods: "
+              f"{[(p['metadata']['name'], p['metadata'].get('deletionTimestamp')) for p in cluster.pods(name)]}")
+        raise
     return [] if found == [{}] else found
 
 
@@ -266,8 +272,16 @@ def operator_identity(cp: ControlPlane, workdir: Path, *, values: dict | None = 
 
 def install_crd(cp: ControlPlane) -> None:
     """Apply the generated CRD (server-side, as a user would) and wait until it is served."""
-    cp.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-    cp.kubectl("wait", "--for=condition=Established", "crd/jesttrainingjobs.jest.training", "--timeout=30s")
+    applied = cp.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"), check=False)
+    if applied.returncode != 0:
+        pytest.fail(f"the API server refused the CRD:\n{applied.stderr}")
+
+    def established() -> bool:
+        _, crd = cp.api("GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/jesttrainingjobs.jest.training")
+        conditions = ((crd if isinstance(crd, dict) else {}).get("status") or {}).get("conditions") or []
+        return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
+
+    wait_for(established, timeout=60, interval=0.2, what="the CRD to be Established")
 
 
 def job_manifest(name: str, *, num_nodes: int = 2, run_policy: dict | None = None, energy: dict | None = None,
@@ -288,3 +302,26 @@ def job_manifest(name: str, *, num_nodes: int = 2, run_policy: dict | None = Non
 
 def dumps(value: Any) -> str:
     return json.dumps(value)
+
+
+def restart_component(cp: ControlPlane, name: str, *, down_seconds: float = 2.0, timeout: float = 90) -> float:
+    """Stop one control-plane process (``kube-apiserver`` or ``etcd``), keep it down, start it again with the
+    very command line it had (same ports, certificates, data directory); returns the seconds until the API
+    server answers ``/readyz`` again after the restart."""
+    (process,) = [p for p in cp.processes if p.name == name]
+    argv = Path(f"/proc/{process.pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    process.stop()
+    cp.processes.remove(process)
+    time.sleep(down_seconds)
+    started = time.monotonic()
+    cp._spawn(name, [part.decode() for part in argv])
+
+    def ready() -> bool:
+        try:
+            return cp.api("GET", "/readyz", timeout=2)[0] == 200
+        except OSError:
+            return False
+
+    wait_for(ready, timeout=timeout, interval=0.2, what=f"the API server ready again after restarting {name}")
+    cp.write_state()
+    return time.monotonic() - started
