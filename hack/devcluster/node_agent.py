@@ -41,10 +41,15 @@ What it does, in kubelet terms:
 - **shutdown** (SIGTERM to the agent, or :meth:`NodeAgent.stop`) kills every process group it started;
 - namespaces labelled ``jest.training/node-agent=off`` are left alone (tests that play the kubelet there).
 
+- **``kubectl logs``**: the kubelet endpoint (HTTPS on 127.0.0.1, a self-signed serving certificate, client
+  certificates checked against the cluster CA, port in ``status.daemonEndpoints``) serves
+  ``/containerLogs/<ns>/<pod>/<container>`` with ``tailLines``, ``limitBytes`` and ``follow``; the API server
+  proxies ``kubectl logs [-f]`` there. Logs are also plain files under ``<workdir>/pods/<ns>_<pod>_<uid8>/logs/``.
+
 Not a kubelet: no cgroups or resource enforcement (requests are only used for the fit check of extended
 resources and ``OMP_NUM_THREADS``), no images (``command`` is required; executables resolve from this
-interpreter's environment first), no exec probes, no ``kubectl logs``/``exec`` (logs are files under
-``<workdir>/pods/<ns>_<pod>_<uid8>/logs/``). Per-pod directories are kept after deletion for inspection.
+interpreter's environment first), no exec probes, no ``kubectl exec``/``port-forward``. Per-pod directories
+are kept after deletion for inspection.
 
 The pure parts (fit, env, volumes, the local command, status derivation) take plain dicts and are
 unit-tested in ``tests/unit/hack/``; :class:`NodeAgent` is the thin I/O shell around them.
@@ -64,14 +69,19 @@ import math
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
+import ssl
+import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -198,8 +208,8 @@ def node_manifest(spec: NodeSpec) -> dict[str, Any]:
     return node
 
 
-def node_status(spec: NodeSpec, now: dt.datetime, ready_since: dt.datetime) -> dict[str, Any]:
-    """A healthy node's status: Ready since ``ready_since``, no pressure, heartbeat ``now``."""
+def node_status(spec: NodeSpec, now: dt.datetime, ready_since: dt.datetime, kubelet_port: int = 0) -> dict[str, Any]:
+    """A healthy node's status: Ready since ``ready_since``, heartbeat ``now``, kubectl logs on ``kubelet_port``."""
     beat, since = rfc3339(now), rfc3339(ready_since)
 
     def condition(type_: str, status: str, reason: str, message: str) -> dict[str, str]:
@@ -217,7 +227,7 @@ def node_status(spec: NodeSpec, now: dt.datetime, ready_since: dt.datetime) -> d
             condition("Ready", "True", "KubeletReady", "jest node agent is posting ready status"),
         ],
         "addresses": [{"type": "InternalIP", "address": spec.host_ip}, {"type": "Hostname", "address": spec.name}],
-        "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": kubelet_port}},
         "nodeInfo": {"machineID": "", "systemUUID": "", "bootID": "", "kernelVersion": platform.release(),
                      "osImage": "jest node agent (local processes)", "containerRuntimeVersion": "local://0",
                      "kubeletVersion": KUBELET_VERSION, "kubeProxyVersion": "", "operatingSystem": "linux",
@@ -1038,6 +1048,19 @@ def termination_message(plan: ContainerPlan, log_tail: list[str], failed: bool) 
     return encoded.decode(errors="replace")
 
 
+def log_slice(data: bytes, *, tail_lines: int | None = None, limit_bytes: int | None = None) -> bytes:
+    """What ``kubectl logs --tail N --limit-bytes M`` returns of a log: the last N lines, then the first M bytes."""
+    if tail_lines is not None:
+        lines = data.splitlines(keepends=True)
+        data = b"".join(lines[-tail_lines:]) if tail_lines > 0 else b""
+    if limit_bytes is not None:
+        data = data[:limit_bytes]
+    return data
+
+
+_LOG_PATH = re.compile(r"^/containerLogs/([a-z0-9.-]+)/([a-z0-9.-]+)/([a-z0-9.-]+)$")
+
+
 # ---------------------------------------------------------------------------------------------------- I/O
 def _free_wildcard_port() -> int:
     """A TCP port free on every interface (TCPStore listens on all of them)."""
@@ -1189,12 +1212,15 @@ class NodeAgent:
         self._ready_since = now_utc()
         self._ca_pem = ""
         self._namespaces: dict[str, tuple[bool, float]] = {}
+        self._log_server: ThreadingHTTPServer | None = None
+        self.kubelet_port = 0
 
     # ---------------------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
         """Register the Node and its Lease, then start the watch, loop and heartbeat threads."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._ca_pem = self.api.ca_pem()
+        self._serve_logs()
         self._register()
         for name, target in (("watch", self._watch_loop), ("loop", self._main_loop), ("heartbeat", self._heartbeat)):
             thread = threading.Thread(target=target, name=f"node-agent-{name}", daemon=True)
@@ -1212,6 +1238,9 @@ class NodeAgent:
             if thread.name == "node-agent-loop":
                 thread.join(timeout=self.shutdown_grace_seconds + 20)
         self._kill_all()
+        if self._log_server is not None:
+            self._log_server.shutdown()
+            self._log_server.server_close()
         for thread in self._threads:
             thread.join(timeout=2)
 
@@ -1233,6 +1262,106 @@ class NodeAgent:
         candidates = sorted(self.workdir.glob(f"pods/{namespace}_{name}_*"), key=lambda p: p.stat().st_mtime)
         return candidates[-1] if candidates else None
 
+    # ------------------------------------------------------------------------------------ kubelet logs
+    def _serve_logs(self) -> None:
+        """Start the HTTPS endpoint the API server proxies ``kubectl logs`` to (skipped without openssl)."""
+        openssl = shutil.which("openssl")
+        ca_path = self.api.configuration.ssl_ca_cert
+        if openssl is None or not ca_path:
+            LOG.warning("no openssl or no cluster CA: kubectl logs will not work (logs are under %s)", self.workdir)
+            return
+        pki = self.workdir / "pki"
+        pki.mkdir(parents=True, exist_ok=True)
+        key, cert = pki / "kubelet.key", pki / "kubelet.crt"
+        subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                        str(cert), "-days", "365", "-subj", f"/CN={self.node.name}",
+                        "-addext", f"subjectAltName=IP:{self.node.host_ip},DNS:{self.node.name}"],
+                       check=True, capture_output=True)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        context.verify_mode = ssl.CERT_REQUIRED  # only the API server (a client cert of the cluster CA) may ask
+        context.load_verify_locations(ca_path)
+        agent = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                LOG.debug("kubelet endpoint: " + format, *args)
+
+            def do_GET(self) -> None:
+                agent._answer_logs(self)
+
+        server = ThreadingHTTPServer((self.node.host_ip, 0), Handler)
+        server.daemon_threads = True
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        self._log_server = server
+        self.kubelet_port = int(server.server_address[1])
+        thread = threading.Thread(target=server.serve_forever, name="node-agent-kubelet-endpoint", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _answer_logs(self, request: BaseHTTPRequestHandler) -> None:
+        url = urllib.parse.urlsplit(request.path)
+        if url.path == "/healthz":
+            self._reply(request, 200, b"ok")
+            return
+        match = _LOG_PATH.match(url.path)
+        if match is None:
+            self._reply(request, 404, b"the jest node agent serves only /containerLogs/<ns>/<pod>/<container>\n")
+            return
+        namespace, pod, container = match.groups()
+        query = urllib.parse.parse_qs(url.query)
+
+        def number(name: str) -> int | None:
+            value = (query.get(name) or [None])[0]
+            return int(value) if value is not None and value.lstrip("-").isdigit() else None
+
+        directory = self.pod_dir(namespace, pod)
+        path = directory / "logs" / f"{container}.log" if directory is not None else None
+        if path is None or not path.exists():
+            self._reply(request, 404, f'container "{container}" in pod "{pod}" has no log on this node\n'.encode())
+            return
+        follow = (query.get("follow") or ["false"])[0] == "true"
+        data = path.read_bytes()
+        limit = number("limitBytes")
+        first = log_slice(data, tail_lines=number("tailLines"), limit_bytes=limit)
+        request.send_response(200)
+        request.send_header("Content-Type", "text/plain")
+        if not follow:
+            request.send_header("Content-Length", str(len(first)))
+        request.end_headers()
+        sent = len(first)
+        try:
+            request.wfile.write(first)
+            request.wfile.flush()
+            offset = len(data)
+            while follow and (limit is None or sent < limit) and not self._stop.is_set():
+                with path.open("rb") as log:
+                    log.seek(offset)
+                    more = log.read()
+                if more:
+                    more = more if limit is None else more[:limit - sent]
+                    request.wfile.write(more)
+                    request.wfile.flush()
+                    offset += len(more)
+                    sent += len(more)
+                    continue
+                if not self._pod_running(namespace, pod):
+                    break
+                time.sleep(0.5)
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+            return
+
+    def _pod_running(self, namespace: str, name: str) -> bool:
+        return any(worker.key == (namespace, name) and worker.processes() for worker in list(self._workers.values()))
+
+    @staticmethod
+    def _reply(request: BaseHTTPRequestHandler, code: int, body: bytes) -> None:
+        request.send_response(code)
+        request.send_header("Content-Type", "text/plain")
+        request.send_header("Content-Length", str(len(body)))
+        request.end_headers()
+        request.wfile.write(body)
+
     # -------------------------------------------------------------------------------------------- node
     def _register(self) -> None:
         core = self.api.core
@@ -1250,7 +1379,7 @@ class NodeAgent:
         self._renew_lease()
 
     def _post_node_status(self) -> None:
-        body = {"status": node_status(self.node, now_utc(), self._ready_since)}
+        body = {"status": node_status(self.node, now_utc(), self._ready_since, self.kubelet_port)}
         self.api.call(self.api.core.patch_node_status, self.node.name, body, _content_type=STRATEGIC_MERGE_PATCH)
 
     def _renew_lease(self) -> None:

@@ -337,3 +337,18 @@ def test_node_agent_shutdown_kills_every_process_group_it_started(user_cluster: 
         # nothing runs this node any more: finish the pod's deletion ourselves, then drop the Node
         cluster.kubectl("delete", "pod", "family", "-n", namespace, "--grace-period=0", "--force", check=False)
         cluster.kubectl("delete", "node", node, "--wait=false", check=False)
+
+
+def test_kubectl_logs_reaches_the_node_agent_through_the_api_server(user_cluster: UserCluster,
+                                                                    agent_namespace: str) -> None:
+    cluster, namespace = user_cluster, agent_namespace
+    talk = "import time\nfor i in range(3):\n    print('line', i, flush=True)\n    time.sleep(1)\n"
+    apply(cluster, namespace, pod_manifest("talker", ["python3", "-c", talk]))
+    wait_until(lambda: pod_status(cluster, namespace, "talker").get("phase") in ("Running", "Succeeded"),
+               timeout=60, what="the pod to start")
+    followed = cluster.kubectl("logs", "-f", "talker", "-n", namespace, timeout=60)  # ends when the process does
+    assert followed.stdout.splitlines() == ["line 0", "line 1", "line 2"], followed
+    wait_until(lambda: pod_status(cluster, namespace, "talker").get("phase") == "Succeeded", timeout=30,
+               what="the pod to succeed")
+    assert cluster.kubectl("logs", "talker", "-n", namespace, "--tail=1").stdout == "line 2\n"
+    assert cluster.kubectl("logs", "talker", "-n", namespace, "--limit-bytes=4").stdout == "line"

@@ -31,6 +31,7 @@ from hack.devcluster.node_agent import (
     exit_details,
     fit,
     localize_addresses,
+    log_slice,
     node_status,
     parse_quantity,
     plan_pod,
@@ -360,3 +361,11 @@ def test_two_dev_clusters_hand_out_different_pod_addresses() -> None:
     assert first == "127.2.0.10" and second == "127.3.0.10"
     pool = IpPool("127.2.0.254")
     assert [pool.allocate(), pool.allocate()] == ["127.2.0.254", "127.2.1.1"]  # .255 and .0 skipped
+
+
+def test_log_slice_is_tail_then_limit() -> None:
+    log = b"one\ntwo\nthree\n"
+    assert log_slice(log) == log
+    assert log_slice(log, tail_lines=2) == b"two\nthree\n"
+    assert log_slice(log, tail_lines=0) == b""
+    assert log_slice(log, tail_lines=2, limit_bytes=5) == b"two\nt"
