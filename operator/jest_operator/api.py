@@ -8,7 +8,9 @@ description because the CRD generator turns it into ``kubectl explain`` text.
 ``parse_job`` is the operator's admission check: it validates a raw manifest (strictly: ``"2"`` is not
 an integer, as the API server would also refuse), then applies the cross-field rules the CRD states
 as CEL ``x-kubernetes-validations`` (mirrored here so that a cluster without CEL, KMock and
-``jestctl run`` enforce the same API) plus the checks CEL cannot express. Every failure is an
+``jestctl run`` enforce the same API) plus the checks CEL cannot express. The CRD's transition rules
+(fields immutable while a job runs, ``crd.IMMUTABILITY_RULES``) are not mirrored: they compare with the
+stored object, which only the API server sees. Every failure is an
 ``InvalidSpec`` naming the offending field, e.g. ``spec.training.selection.batchSize``.
 
 This module never imports torch: the operator image must stay small.
