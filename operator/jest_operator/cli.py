@@ -121,6 +121,10 @@ def build_summary(result: Any, *, world_size: int, message: str | None = None) -
             "source": energy.get("source"),
         },
         "examples_per_second": progress.get("examplesPerSecond"),
+        "retrieval": progress.get("lastEvalRetrieval"),
+        "samples_skipped": progress.get("samplesSkipped"),
+        "reference_mode": progress.get("referenceMode"),
+        "data_wait_fraction": progress.get("dataWaitFraction"),
         "wall_seconds": round(result.wall_seconds, 3),
         "restart_to_resume_seconds": [round(seconds, 3) for seconds in getattr(result, "resume_seconds", [])],
         "message": message if message is not None else result.message,
@@ -414,6 +418,26 @@ def command_data_digits(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def command_score(args: argparse.Namespace) -> int:
+    """``jestctl score``: precompute reference embeddings as sidecar shards (loads the trainer lazily)."""
+    try:
+        job = load_one_job(Path(args.manifest), args.set or [])
+    except ManifestError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    from jest_trainer.score import score_shards
+
+    try:
+        manifest = score_shards(job.spec.training, Path(args.out), batch_size=args.batch_size)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote {manifest['samples']:,} reference embeddings in {manifest['shards']} sidecar shard(s) to {args.out}")
+    settings = manifest["settings"].items()
+    print("train with: " + " ".join(f"--set spec.training.{key}={value}" for key, value in settings))
+    return EXIT_OK
+
+
 def command_bench_selection(args: argparse.Namespace) -> int:
     """``jestctl bench selection ...``: forwards its arguments to ``jest_trainer.benchmark``."""
     from jest_trainer.benchmark import main as benchmark_main
@@ -491,6 +515,13 @@ def build_parser() -> argparse.ArgumentParser:
         digits.add_argument(f"--{kind}", type=float, default=default,
                             help=f"pool fraction of {kind} pairs (default {default})")
     digits.set_defaults(handler=command_data_digits)
+
+    score = commands.add_parser("score", help="precompute reference embeddings of data.urls as sidecar shards")
+    score.add_argument("manifest", help="JESTTrainingJob manifest (its training.data and training.reference)")
+    score.add_argument("--out", required=True, help="directory of reference.pt and the sidecar shards")
+    score.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec field")
+    score.add_argument("--batch-size", type=int, default=256, help="samples per reference forward")
+    score.set_defaults(handler=command_score)
 
     bench = commands.add_parser("bench", help="benchmarks (JSON + PNG)")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")

@@ -500,10 +500,17 @@ def run(
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         ckpt.prune_temporaries(checkpoint_dir)
 
-    prepared = prepared or prepare(cfg, ctx, cache_dir=checkpoint_dir if ctx.is_main else None, should_stop=stop)
+    from jest_trainer.data import model_input_shape
+
     torch.manual_seed(init_seed(cfg.seed))
-    model = build_model(cfg.model, image_shape=prepared.image_shape).to(device)
+    model = build_model(cfg.model, image_shape=model_input_shape(cfg)).to(device)
+    # the data first: a bad shard pattern or missing sidecars fail before a (long) reference training
     stream, eval_set = _open_data(cfg, ctx, model, plan.local_super)
+    try:
+        prepared = prepared or prepare(cfg, ctx, cache_dir=checkpoint_dir if ctx.is_main else None, should_stop=stop)
+    except BaseException:
+        stream.close()
+        raise
     scorer = make_scorer(cfg, prepared.reference, input_spec=model.image_spec)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay)
     per_step_flops = flops_mod.step_flops(

@@ -325,57 +325,69 @@ def make_scorer(cfg: TrainingConfig, model: nn.Module, *, input_spec: Any) -> Re
     )
 
 
+def sidecar_pattern(data_urls: str, out_dir: Path) -> str:
+    """The ``reference.embeddingsUrls`` of sidecars written to ``out_dir`` for shards ``data_urls``.
+
+    Sidecars carry their data shard's file name (``data.pair_sidecars`` pairs them by name), so the
+    pattern is the data pattern's last path component under ``out_dir``.
+    """
+    return str(Path(out_dir) / data_urls.rstrip("/").rsplit("/", 1)[-1])
+
+
 def write_sidecars(
     model: nn.Module,
-    batches: Iterable[tuple[list[str], Tensor, Tensor]],
+    batches: Iterable[Any],
     *,
+    shards: list[str],
     out_dir: Path,
-    input_spec: Any,
-    maxcount: int = 10_000,
+    input_spec: Any = None,
     device: torch.device | None = None,
 ) -> dict[str, Any]:
-    """Write the reference's embeddings of ``(keys, images, tokens)`` batches as sidecar WebDataset shards.
+    """Write the reference's embeddings of every scanned sample as one sidecar shard per data shard.
 
-    Each sample is ``__key__`` + ``ref_image.npy`` + ``ref_text.npy`` (float16, normalised), in
-    ``out_dir/ref-%06d.tar``; ``out_dir/reference.json`` records t*, b*, the width and the shard
-    pattern, which training checks against its own reference. Returns that manifest.
+    ``batches`` yield ``url``, ``keys``, ``images`` (model input of ``input_spec``), ``tokens`` in shard
+    and tar order (``data.ShardScanner``). Sidecar ``out_dir/<data shard file name>`` holds, per usable
+    sample and in the same order, ``__key__`` + ``ref_image.npy`` + ``ref_text.npy`` (float16,
+    normalised); a data shard without usable samples still gets an (empty) sidecar. Returns the
+    manifest also written to ``out_dir/reference.json`` (t*, b*, width, counts).
     """
     import numpy as np
     import webdataset as wds
 
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device or next(model.parameters()).device
+    names = [url.rstrip("/").rsplit("/", 1)[-1] for url in shards]
+    if len(set(names)) != len(names):
+        raise ValueError("data.urls: two shards share a file name; sidecars are paired with shards by file name")
+    writers: dict[str, Any] = {}
     count = 0
-    with wds.ShardWriter(str(out_dir / "ref-%06d.tar"), maxcount=maxcount, verbose=0) as writer:
-        for keys, images, tokens in batches:
-            image, text = embed_batch(model, images.to(device), tokens.to(device), input_spec=input_spec)
+    try:
+        for batch in batches:
+            if batch.url not in writers:
+                name = batch.url.rstrip("/").rsplit("/", 1)[-1]
+                writers[batch.url] = wds.TarWriter(str(out_dir / name))
+            image, text = embed_batch(model, batch.images.to(device), batch.tokens.to(device), input_spec=input_spec)
             image_rows = image.cpu().to(torch.float16).numpy()
             text_rows = text.cpu().to(torch.float16).numpy()
-            for row, key in enumerate(keys):
-                writer.write({"__key__": key, SIDECAR_IMAGE_FIELD: np.ascontiguousarray(image_rows[row]),
-                              SIDECAR_TEXT_FIELD: np.ascontiguousarray(text_rows[row])})
-            count += len(keys)
-    shards = math.ceil(count / maxcount)
+            for row, key in enumerate(batch.keys):
+                writers[batch.url].write({"__key__": key, SIDECAR_IMAGE_FIELD: np.ascontiguousarray(image_rows[row]),
+                                          SIDECAR_TEXT_FIELD: np.ascontiguousarray(text_rows[row])})
+            count += len(batch.keys)
+        for url, name in zip(shards, names, strict=True):
+            if url not in writers:
+                writers[url] = wds.TarWriter(str(out_dir / name))
+    finally:
+        for writer in writers.values():
+            writer.close()
     manifest = {
         "kind": "jest-reference-embeddings",
         "samples": count,
+        "shards": len(shards),
         "embedDim": int(model.embed_dim),
         "logitScale": float(model.logit_scale),
         "logitBias": float(model.logit_bias),
-        "urls": str(out_dir / f"ref-{{000000..{max(0, shards - 1):06d}}}.tar"),
         "fields": {"image": SIDECAR_IMAGE_FIELD, "text": SIDECAR_TEXT_FIELD},
     }
     (out_dir / SIDECAR_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def iter_chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    """Consecutive lists of ``size`` items (the last may be shorter)."""
-    chunk: list[Any] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
