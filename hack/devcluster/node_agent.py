@@ -79,7 +79,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -1457,7 +1457,7 @@ class NodeAgent:
                 self._sync()
             except Exception as error:  # keep the node alive; report what went wrong
                 LOG.exception("sync failed")
-                self.errors.append(repr(error))
+                self.errors = [*self.errors[-99:], repr(error)]
 
     def _snapshot(self) -> dict[str, dict[str, Any]]:
         with self._pods_lock:
@@ -1478,24 +1478,37 @@ class NodeAgent:
         return served
 
     def _sync(self) -> None:
+        """One pass over every pod; a failure on one pod (the API server restarting, a refused patch) is
+        logged and retried next pass without holding up the others."""
         pods = self._snapshot()
         for uid, pod in pods.items():
-            spec = pod.get("spec") or {}
-            if uid not in self._workers and not self._serves_namespace(pod["metadata"]["namespace"]):
-                continue
-            if wants_binding(pod):
-                self._schedule(pod)
-            elif spec.get("nodeName") == self.node.name and uid not in self._workers:
-                self._adopt(pod)
-            if uid in self._workers:
-                self._workers[uid].pod = pod
+            with self._isolated(pod):
+                spec = pod.get("spec") or {}
+                if uid not in self._workers and not self._serves_namespace(pod["metadata"]["namespace"]):
+                    continue
+                if wants_binding(pod):
+                    self._schedule(pod)
+                elif spec.get("nodeName") == self.node.name and uid not in self._workers:
+                    self._adopt(pod)
+                if uid in self._workers:
+                    self._workers[uid].pod = pod
         for uid, worker in list(self._workers.items()):
-            if uid not in pods and not worker.finished:
-                worker.terminating = True  # gone from the API (force-deleted): stop at once
-                worker.kill_deadline = worker.kill_deadline or time.monotonic()
-            self._tick(worker, gone=uid not in pods)
-            if worker.finished and uid not in pods:
-                del self._workers[uid]
+            with self._isolated(worker.pod):
+                if uid not in pods and not worker.finished:
+                    worker.terminating = True  # gone from the API (force-deleted): stop at once
+                    worker.kill_deadline = worker.kill_deadline or time.monotonic()
+                self._tick(worker, gone=uid not in pods)
+                if worker.finished and uid not in pods:
+                    del self._workers[uid]
+
+    @contextlib.contextmanager
+    def _isolated(self, pod: Mapping[str, Any]) -> Iterator[None]:
+        try:
+            yield
+        except Exception as error:
+            metadata = pod.get("metadata") or {}
+            LOG.warning("%s/%s: %s (retried next pass)", metadata.get("namespace"), metadata.get("name"), error)
+            self.errors = [*self.errors[-99:], f"{metadata.get('namespace')}/{metadata.get('name')}: {error!r}"]
 
     def _schedule(self, pod: dict[str, Any]) -> None:
         namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]

@@ -222,6 +222,20 @@ def agent_namespace(user_cluster: UserCluster) -> Any:
     user_cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 
+def test_the_node_is_ready_and_keeps_renewing_its_lease(user_cluster: UserCluster) -> None:
+    cluster = user_cluster
+    node = cluster.get("node", NODE_NAME)
+    conditions = {c["type"]: c for c in node["status"]["conditions"]}
+    assert conditions["Ready"]["status"] == "True" and conditions["Ready"]["reason"] == "KubeletReady"
+    assert node["status"]["allocatable"]["pods"] == "110" and int(node["status"]["allocatable"]["cpu"]) >= 1
+    assert node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"] > 0  # where kubectl logs is proxied
+    lease = cluster.get("lease", NODE_NAME, "-n", "kube-node-lease")
+    assert lease["spec"]["holderIdentity"] == NODE_NAME
+    first = lease["spec"]["renewTime"]
+    wait_until(lambda: cluster.get("lease", NODE_NAME, "-n", "kube-node-lease")["spec"]["renewTime"] != first,
+               timeout=30, what="the node agent to renew its Lease")
+
+
 def test_node_agent_binds_what_fits_and_explains_what_does_not(user_cluster: UserCluster, agent_namespace: str) -> None:
     cluster, namespace = user_cluster, agent_namespace
     apply(cluster, namespace,
