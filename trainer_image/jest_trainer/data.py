@@ -22,9 +22,15 @@ set for the reference model. scikit-learn ships 1,797 real 8x8 handwritten digit
   Every example's kind is recorded in ``PairTable.noise_kind``; ``labels`` always hold the *true*
   digit of the image (not the digit the caption claims).
 
-WebDataset is the LAION/DataComp layout: ``<key>.png`` + ``<key>.txt`` with optional ``<key>.cls``
-(integer class) and ``<key>.noise`` (noise kind). Reading loads every sample into memory: the trainer
-samples super-batches per rank itself, so no node splitting happens here.
+WebDataset is the LAION/DataComp layout: ``<key>.jpg|png|webp`` + ``<key>.txt`` with optional
+``<key>.cls`` (integer class) and ``<key>.noise`` (noise kind).
+
+**What the training loop uses** (the streaming interface): ``open_train_stream`` / ``open_curated_stream``
+return a ``TrainStream`` of per-rank super-batches — a ``ShardStream`` over shards (``jest_trainer.stream``:
+split by rank and loader worker, shuffle buffer, decoding in workers, broken samples skipped and
+counted, exact resume cursor) or a ``TableStream`` over the digits tables; ``load_eval_set`` returns a
+bounded ``EvalSet``; ``ShardScanner`` walks shards in order for ``jestctl score``. ``read_webdataset`` and
+``load_training_data`` are the older whole-table readers (every sample in memory), kept for small tools.
 """
 
 from __future__ import annotations
