@@ -606,6 +606,20 @@ def model_input_shape(cfg: TrainingConfig) -> tuple[int, int, int]:
     return preprocess_spec(cfg.model).image_shape
 
 
+def readers_per_rank(loader_workers: int, *, shards: int, world_size: int, field: str = "data.urls") -> int:
+    """How many loader workers (shard readers) each rank runs: ``data.loaderWorkers``, capped so each gets a shard.
+
+    The rule: ``max(1, min(loaderWorkers, shards // worldSize))``. A small shard set (a curated split in
+    one tar) therefore reads with fewer workers instead of failing; fewer shards than ranks is an error
+    (``StreamSpec``). The cap depends only on the config and the shard count, so resume stays exact.
+    """
+    readers = max(1, min(loader_workers, shards // max(1, world_size)))
+    if readers < max(1, loader_workers):
+        log.info("%s: %d shard(s) over %d rank(s): %d loader worker(s) per rank instead of data.loaderWorkers=%d",
+                 field, shards, world_size, readers, loader_workers)  # fmt: skip
+    return readers
+
+
 def pair_sidecars(shards: Sequence[str], embeddings_urls: str) -> tuple[str, ...]:
     """The sidecar shard of each data shard: ``reference.embeddingsUrls`` resolved, paired by file name.
 
@@ -636,7 +650,8 @@ def _stream_spec(cfg: TrainingConfig, urls: str, field: str, *, seed: int, rank:
         seed=seed,
         rank=rank,
         world_size=world_size,
-        readers_per_rank=max(1, cfg.data.loader_workers),
+        readers_per_rank=readers_per_rank(cfg.data.loader_workers, shards=len(shards), world_size=world_size,
+                                          field=field),
         batch_size=batch_size,
         shuffle_buffer=cfg.data.shuffle_buffer,
         read_retries=cfg.data.read_retries,
@@ -651,7 +666,7 @@ def _shard_stream(cfg: TrainingConfig, spec: StreamSpec, transform: ImageTransfo
         spec,
         transform=transform,
         tokenizer=tokenizer,
-        loader_workers=cfg.data.loader_workers,
+        loader_workers=min(cfg.data.loader_workers, spec.readers_per_rank),
         prefetch=cfg.data.prefetch,
         pin_memory=pin_memory,
         max_skip_fraction=cfg.data.max_skip_fraction,
@@ -908,6 +923,7 @@ __all__ = [
     "open_train_stream",
     "pair_sidecars",
     "read_webdataset",
+    "readers_per_rank",
     "shard_pattern",
     "stroke_features",
     "tertiles",

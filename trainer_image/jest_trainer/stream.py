@@ -14,7 +14,8 @@ Two implementations of one interface (``TrainStream``):
   advances to its next epoch on its own when its shards are done, so no sample is dropped and none is
   repeated within its reader's epoch. Each reader shuffles with a buffer of ``shuffleBuffer``
   undecoded samples (seeded by ``(seed, epoch, reader)``; drained at the end of the epoch), then
-  decodes, preprocesses and tokenizes, and emits whole super-batches. The DataLoader hands out the
+  decodes, preprocesses and tokenizes, and emits whole super-batches. (``data.readers_per_rank`` caps
+  ``K`` at ``shards // world_size`` so small shard sets read with fewer workers.) The DataLoader hands out the
   workers' batches in strict rotation, so batch ``n`` of a rank comes from reader ``n mod K``.
 * ``TableStream`` (the digits demo and other in-memory tables): the rank's disjoint share of a seeded
   permutation, read in seeded epochs, ``B/W`` rows per step (the order the digits demo always had).
@@ -268,8 +269,9 @@ class StreamSpec:
             raise ValueError(
                 f"{self.field}: {len(self.shards)} shard(s) cannot feed {self.world_size} rank(s) x "
                 f"{self.readers_per_rank} loader worker(s) = {readers} readers; every reader needs at least one "
-                f"shard per epoch. Write more, smaller shards or lower data.loaderWorkers "
-                f"(at most {max(0, len(self.shards) // self.world_size)} here)"
+                "shard per epoch. Write more, smaller shards"
+                + (f" or lower data.loaderWorkers (at most {len(self.shards) // self.world_size} here)"
+                   if len(self.shards) >= self.world_size else "")
             )
 
     def reader(self, worker: int) -> int:

@@ -305,3 +305,15 @@ def test_shard_scanner_batches_within_shards_in_order(tmp_path: Path) -> None:
     ]
     assert batches[0].images.shape == (3, 3, 8, 8) and batches[0].tokens.shape[0] == 3
     assert scanner.skipped == {"decode_error": 1}
+
+
+def test_a_small_shard_set_reads_with_fewer_workers_by_an_explicit_rule(tmp_path: Path) -> None:
+    assert data.readers_per_rank(4, shards=10, world_size=2) == 4
+    assert data.readers_per_rank(4, shards=5, world_size=2) == 2
+    assert data.readers_per_rank(2, shards=1, world_size=1) == 1
+    assert data.readers_per_rank(0, shards=8, world_size=2) == 1
+    sf.write_shards(tmp_path, shards=1, per_shard=9)
+    with _open(_cfg(sf.pattern(tmp_path, 1), loaderWorkers=2), batch=3) as stream:
+        assert [k for b in _keys(stream, 3) for k in b] and stream.state_dict()["fingerprint"]["readers"] == 1
+    with pytest.raises(ValueError, match=r"1 shard\(s\) cannot feed 2 rank"):
+        _open(_cfg(sf.pattern(tmp_path, 1)), rank=0, world=2)
