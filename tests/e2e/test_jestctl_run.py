@@ -158,3 +158,89 @@ def test_bad_manifest_stops_before_any_process_starts(tmp_path: Path, override: 
     assert field in result.stderr and "e2e-local" in result.stderr
     assert not workdir.exists(), "nothing may start on a bad manifest"
     assert json.loads((tmp_path / "summary.json").read_text())["phase"] == "Failed"
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact resume on streamed WebDataset shards: SIGKILL mid-epoch, rerun, the same keys step by step
+# --------------------------------------------------------------------------------------------------
+
+STREAM_STEPS = 30
+STREAM_CHECKPOINT_INTERVAL = 10
+
+
+def _stream_manifest(shards: Path) -> dict:
+    pool = sorted(shards.glob("pool-*.tar"))
+    manifest = json.loads(json.dumps(MANIFEST))
+    manifest["metadata"]["name"] = "e2e-stream"
+    manifest["spec"]["training"].update({
+        "steps": STREAM_STEPS,
+        "seed": 3,
+        "data": {"source": "webdataset", "urls": str(shards / f"pool-{{000000..{len(pool) - 1:06d}}}.tar"),
+                 "evalUrls": str(sorted(shards.glob("test-*.tar"))[0]), "loaderWorkers": 2, "shuffleBuffer": 200},
+        "reference": {"train": {"steps": 20, "batchSize": 32, "urls": str(sorted(shards.glob("curated-*.tar"))[0])}},
+        "checkpoint": {"dir": "/checkpoints", "intervalSteps": STREAM_CHECKPOINT_INTERVAL},
+        "eval": {"intervalSteps": STREAM_STEPS},
+    })
+    return manifest
+
+
+def _keys_by_step(directory: Path, rank: int) -> dict[int, dict]:
+    """The last record per step of a rank's key log (a resumed run re-logs the steps it replays)."""
+    records: dict[int, dict] = {}
+    for line in (directory / f"keys-rank{rank}.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        records[record["step"]] = record
+    return records
+
+
+@pytest.mark.slow
+def test_a_sigkilled_streaming_run_resumes_on_exactly_the_same_keys(tmp_path: Path) -> None:
+    from jest_operator.cli import main as jestctl_main
+
+    shards = tmp_path / "shards"
+    assert jestctl_main(["data", "digits", "--out", str(shards), "--shard-size", "700"]) == 0
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(yaml.safe_dump(_stream_manifest(shards)))
+
+    whole_keys = tmp_path / "keys-whole"
+    whole = subprocess.run(jestctl_argv(manifest, tmp_path / "whole", tmp_path / "whole.json", "--no-progress",
+                                        "--env", f"JEST_DEBUG_KEYS_DIR={whole_keys}"),
+                           env=run_env(), capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr
+
+    split_keys, workdir = tmp_path / "keys-split", tmp_path / "split"
+    argv = jestctl_argv(manifest, workdir, tmp_path / "split.json", "--no-progress",
+                        "--env", f"JEST_DEBUG_KEYS_DIR={split_keys}")
+    process = subprocess.Popen(argv, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while (newest_checkpoint_step(workdir) or 0) < STREAM_CHECKPOINT_INTERVAL:
+            assert process.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.01)
+        logged = len((split_keys / "keys-rank0.jsonl").read_text().splitlines())
+        while logged < STREAM_CHECKPOINT_INTERVAL + 3:  # kill a few steps past the checkpoint, mid-epoch
+            assert process.poll() is None and time.monotonic() < deadline, "training stopped early"
+            time.sleep(0.01)
+            logged = len((split_keys / "keys-rank0.jsonl").read_text().splitlines())
+    finally:
+        kill_tree(process)  # SIGKILL: jestctl, both workers and their loader processes; no checkpoint on the way out
+    killed_at = newest_checkpoint_step(workdir)
+    assert killed_at is not None and killed_at < STREAM_STEPS
+
+    resumed = subprocess.run(argv, env=run_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((tmp_path / "split.json").read_text())
+    assert summary["resumed_from_step"] == killed_at and summary["steps"] == STREAM_STEPS
+    assert summary["samples_skipped"] == {} and summary["reference_mode"] == "online"
+    assert set(summary["retrieval"]) == {"image_to_text", "text_to_image"}
+    for rank in (0, 1):
+        expected, got = _keys_by_step(whole_keys, rank), _keys_by_step(split_keys, rank)
+        assert sorted(got) == sorted(expected) == list(range(STREAM_STEPS))
+        for step in range(STREAM_STEPS):
+            assert got[step]["candidates"] == expected[step]["candidates"], (rank, step)
+            assert got[step]["selected"] == expected[step]["selected"], (rank, step)
+    # no sample is trained twice within the epoch across the two ranks
+    candidates = [key for rank in (0, 1) for record in _keys_by_step(whole_keys, rank).values()
+                  for key in record["candidates"]]
+    assert len(candidates) == len(set(candidates))
