@@ -1084,6 +1084,11 @@ class IpPool:
         self._last = int(ipaddress.IPv4Address("127.255.255.254"))
         self._lock = threading.Lock()
 
+    def reserve(self, address: str) -> None:
+        """Never hand out ``address`` (a pod an earlier agent ran keeps its IP) nor any before it."""
+        with self._lock:
+            self._next = max(self._next, int(ipaddress.IPv4Address(address)) + 1)
+
     def allocate(self) -> str:
         """The next address (127.x.y.0 and .255 skipped)."""
         with self._lock:
@@ -1536,6 +1541,8 @@ class NodeAgent:
         """A pod bound to this node that no worker owns yet."""
         metadata, status = pod["metadata"], pod.get("status") or {}
         phase = status.get("phase")
+        if status.get("podIP"):
+            self.ips.reserve(status["podIP"])
         worker = PodWorker(uid=metadata["uid"], pod=pod, pod_ip=status.get("podIP") or self.ips.allocate(),
                            pod_dir=pod_directory(self.workdir, pod), start_time=now_utc())
         spec = pod.get("spec") or {}

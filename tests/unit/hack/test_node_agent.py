@@ -361,6 +361,8 @@ def test_two_dev_clusters_hand_out_different_pod_addresses() -> None:
     assert first == "127.2.0.10" and second == "127.3.0.10"
     pool = IpPool("127.2.0.254")
     assert [pool.allocate(), pool.allocate()] == ["127.2.0.254", "127.2.1.1"]  # .255 and .0 skipped
+    pool.reserve("127.2.1.7")  # a pod an earlier agent ran keeps its address
+    assert pool.allocate() == "127.2.1.8"
 
 
 def test_log_slice_is_tail_then_limit() -> None:
