@@ -1,0 +1,116 @@
+"""Data-wait fraction of the training loop with streaming on: tiny model, 2 loader workers, JPEG shards.
+
+The fraction of step time the loop spends blocked on the input pipeline for its next super-batch
+(phase ``data`` of ``jest_step_phase_seconds_total``: ``next(stream)`` plus the host-to-device copy)
+over the whole step time, measured by the trainer itself (``summary["data_wait_fraction"]``) in one
+in-process single-rank run of ``jest_trainer.train.train`` on photo-like JPEG shards written by
+``bench/data_stream.py``'s writer (``--image-px`` square, resized to ``model.imageSize``). JEST at
+f = 0.8: every step decodes and preprocesses a whole super-batch of ``batch / (1 - f)`` images while
+the training process scores, selects and trains. Goal: < 5 %. On a 2-core machine the two loader
+workers compete with the training process for the same cores, so the figure is reported as measured.
+
+Writes ``bench/results/data_wait.json`` and ``.png`` (seconds per phase per step, and the fraction).
+Run: ``.venv/bin/python bench/data_wait.py`` (about a minute on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import runpy
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS = REPO_ROOT / "bench" / "results"
+GOAL = 0.05
+
+
+def measure(*, steps: int, batch: int, image_px: int, image_size: int, workers: int, shards: int,
+            per_shard: int, workdir: Path) -> dict:
+    """One streaming run; returns the benchmark document."""
+    import torch
+    from jest_trainer.config import EnergyConfig, TrainingConfig, WorkerConfig
+    from jest_trainer.distributed import single_process
+    from jest_trainer.train import train
+
+    writer = runpy.run_path(str(REPO_ROOT / "bench" / "data_stream.py"), run_name="jest_bench_data_stream")
+    pool = writer["write_jpeg_shards"](workdir / "pool", shards=shards, per_shard=per_shard, image_px=image_px)
+    curated = writer["write_jpeg_shards"](workdir / "curated", shards=1, per_shard=256, image_px=image_px, seed=1)
+    evaluation = writer["write_jpeg_shards"](workdir / "eval", shards=1, per_shard=256, image_px=image_px, seed=2)
+    training = TrainingConfig.model_validate({
+        "steps": steps, "seed": 0,
+        "model": {"arch": "tiny", "embedDim": 64, "imageSize": image_size},
+        "data": {"source": "webdataset", "urls": pool, "evalUrls": evaluation, "loaderWorkers": workers},
+        "reference": {"train": {"steps": 10, "batchSize": 64, "urls": curated}},
+        "selection": {"method": "jest", "filterRatio": 0.8, "chunks": 16, "batchSize": batch},
+        "checkpoint": {"dir": str(workdir / "ckpt"), "intervalSteps": steps},
+        "eval": {"intervalSteps": steps},
+    })
+    summary = train(WorkerConfig(training=training, energy=EnergyConfig(backend="modelled")),
+                    env={"JEST_PROGRESS": "plain"}, ctx=single_process(), install_signal_handlers=False)
+    phases = summary["phase_seconds"]
+    return {
+        "data_wait_fraction": summary["data_wait_fraction"],
+        "goal": GOAL,
+        "meets_goal": summary["data_wait_fraction"] < GOAL,
+        "phase_seconds_per_step": {name: value / steps for name, value in phases.items()},
+        "step_seconds": summary["step_seconds"] / steps,
+        "steps": steps, "batch": batch, "super_batch": round(batch / 0.2), "loader_workers": workers,
+        "image_px": image_px, "image_size": image_size, "shards": shards, "samples": shards * per_shard,
+        "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine(),
+        "samples_skipped": summary["samples_skipped"],
+        "note": "loader workers share the machine's cores with the training process",
+    }
+
+
+def plot(document: dict, path: Path) -> None:
+    """Stacked seconds per phase of one step, titled with the data-wait fraction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = document["phase_seconds_per_step"]
+    figure, axis = plt.subplots(figsize=(6, 3.2))
+    left = 0.0
+    for name, seconds in phases.items():
+        axis.barh([0], [seconds * 1000], left=left, label=name)
+        left += seconds * 1000
+    axis.set_yticks([])
+    axis.set_xlabel("ms per step")
+    axis.set_title(f"data wait {document['data_wait_fraction']:.1%} of a step (goal < {GOAL:.0%}); "
+                   f"{document['loader_workers']} loader workers, {document['cpus']} CPUs")
+    axis.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: run the measurement, write JSON + PNG, print the fraction."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--image-px", type=int, default=96)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--per-shard", type=int, default=500)
+    parser.add_argument("--out", type=Path, default=RESULTS / "data_wait.json")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="jest-data-wait-") as workdir:
+        document = measure(steps=args.steps, batch=args.batch, image_px=args.image_px, image_size=args.image_size,
+                           workers=args.workers, shards=args.shards, per_shard=args.per_shard,
+                           workdir=Path(workdir))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(document, indent=2) + "\n")
+    plot(document, args.out.with_suffix(".png"))
+    print(f"data wait {document['data_wait_fraction']:.1%} of step time "
+          f"({document['step_seconds'] * 1000:.0f} ms/step, goal < {GOAL:.0%}) -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
