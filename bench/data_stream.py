@@ -131,7 +131,8 @@ def _plain_loader(urls: str, *, workers: int, batch: int, image_size: int):
         .batched(batch)
         .repeat()
     )
-    return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2))
+    return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
+                                            prefetch_factor=2 if workers else None))
 
 
 def _rate(batches, *, count: int, batch: int) -> float:

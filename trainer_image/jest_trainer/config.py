@@ -167,8 +167,8 @@ class DataConfig(ApiModel):
         ge=0,
         le=64,
         description="DataLoader worker processes per rank that read, decode, preprocess and tokenize shards "
-        "(0 = in the training process). Each worker reads its own share of the shards, so a resumed run "
-        "must keep the same value.",
+        "(0 = in the training process; capped at shards / world size). Each worker reads its own share of "
+        "the shards, so a resumed run must keep the same value.",
     )
     prefetch: int = Field(2, ge=1, le=64, description="Super-batches each loader worker prepares ahead.")
     shuffle_buffer: int = Field(
