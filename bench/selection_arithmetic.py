@@ -7,7 +7,12 @@ training uses; ``pair_score_torch``: the stable few-pass torch form; ``pair_scor
 ``select_batch`` uses on CPU, whose first pass is the native kernel), the Gumbel noise, the chunk loop
 (``chunk_loop_native`` / ``_numpy`` / ``_torch``: the same draws three ways) and the chunked sampling
 (``jest_select``, given S; ``select_batch_jest_sigmoid`` is the whole call the trainer times, and
-``..._without_native`` the same call on an install without the kernel). The
+``..._without_native`` the same call on an install without the kernel). For the softmax (CLIP) loss (temperature 10, and
+``..._temperature100`` as a trained CLIP, whose exps need float64):
+``softmax_exps`` (the stack and ``exp(L - max L)`` pass before the native loop), the chunk loop two ways
+(``softmax_chunk_loop_native``: exp domain, one call; ``softmax_chunk_loop_torch``: the log-domain scorer that
+accelerators and installs without the kernel run) and the whole ``select_batch_jest_softmax`` call (and
+``..._without_native``). The
 headline configuration is the quickstart's per-rank shape, B = 320, b = 64 (filter ratio 0.8), 16
 chunks. Each operation is timed call by call (after a warm-up) and summarised by median and 10th/90th
 percentiles, because the benchmark machine is shared: the load average before and after is recorded with
@@ -44,6 +49,10 @@ from jest_trainer.selection import (
     _pairwise_chunk_loop_cpu,
     _pairwise_chunk_loop_numpy,
     _PairwiseScorer,
+    _shifted_exps,
+    _softmax_chunk_loop_native,
+    _SoftmaxScorer,
+    _stack_terms,
     jest_select,
     jest_select_softmax,
     select_batch,
@@ -115,6 +124,11 @@ def measure_shape(super_batch: int, batch_size: int, chunks: int, dim: int, repe
 
     per_chunk = batch_size // chunks
     noise = _gumbel_noise((chunks, super_batch), scores, generator)
+    soft_terms = [(1.0, learner_soft), (-1.0, reference_soft)]
+    soft_stacked = _stack_terms(soft_terms)
+    soft_exps = _shifted_exps(soft_stacked.clone())
+    assert soft_exps is not None, "benchmark logits outside the exp-domain range"
+    soft_signs = torch.tensor([1.0, -1.0])
     operations: dict[str, Callable[[], object]] = {
         "logits_matmul_learner_and_reference": lambda: (
             sigmoid_logits(learner_image, learner_text, scale, bias),
@@ -131,9 +145,19 @@ def measure_shape(super_batch: int, batch_size: int, chunks: int, dim: int, repe
         "jest_select": lambda: jest_select(scores, batch_size, chunks, generator),
         "select_batch_jest_sigmoid": dispatch("jest", "sigmoid"),
         "select_batch_jest_sigmoid_without_native": without_native(dispatch("jest", "sigmoid")),
+        "softmax_exps": lambda: _shifted_exps(_stack_terms(soft_terms)),
+        "softmax_chunk_loop_native": lambda: _softmax_chunk_loop_native(soft_exps, [1.0, -1.0],
+                                                                        noise.to(soft_exps.dtype), per_chunk),
+        "softmax_chunk_loop_torch": lambda: _chunked_sample(_SoftmaxScorer(soft_stacked, soft_signs), super_batch,
+                                                            batch_size, chunks, soft_stacked, generator),
         "jest_select_softmax": lambda: jest_select_softmax(learner_soft, reference_soft, batch_size, chunks,
                                                            generator),
+        "select_batch_jest_softmax_without_native": without_native(dispatch("jest", "softmax")),
         "select_batch_jest_softmax": dispatch("jest", "softmax"),
+        # a trained CLIP's temperature: positives up to ~100 logits below the maximum, so float64 exps
+        "select_batch_jest_softmax_temperature100": lambda: select_batch(
+            "jest", learner_logits=10 * learner_soft, reference_logits=10 * reference_soft, loss="softmax",
+            batch_size=batch_size, n_chunks=chunks, generator=generator),
         "select_batch_learnability_topk_sigmoid": dispatch("learnability_topk", "sigmoid"),
         "select_batch_learnability_topk_softmax": dispatch("learnability_topk", "softmax"),
         "select_batch_uniform": dispatch("uniform", "sigmoid"),
@@ -165,6 +189,7 @@ def plot(result: dict, png: Path) -> None:
     bars.invert_yaxis()
 
     for name, colour in (("jest_select", "#4c72b0"), ("jest_select_softmax", "#dd8452"),
+                         ("softmax_chunk_loop_native", "#937860"),
                          ("pair_loss_matrices", "#55a868"), ("pair_score_native", "#8172b3"),
                          ("chunk_loop_numpy", "#c44e52")):
         points = [(row["config"]["superBatch"], row["timings"][name]["median_us"]) for row in result["sweep"]]

@@ -332,20 +332,31 @@ def _pairwise_joint(scores: Tensor, batch_size: int, n_chunks: int, generator: t
 
 
 def _softmax_joint(
-    terms: list[tuple[float, Tensor]], batch_size: int, n_chunks: int, generator: torch.Generator | None
+    terms: list[tuple[float, str, Tensor]], batch_size: int, n_chunks: int, generator: torch.Generator | None
 ) -> Tensor:
-    size = terms[0][1].shape[0]
+    """Softmax chunked sampling over ``(sign, name, logits)`` models: the native exp-domain loop on CPU where it is
+    exact, else the torch scorer. Validates each matrix by name; its one min/max pass also gives the shift."""
+    size = terms[0][2].shape[0]
     _validate_sizes(size, batch_size, n_chunks)
+    dtype = torch.float64 if any(_working_dtype(logits) == torch.float64 for _, _, logits in terms) else torch.float32
     with torch.no_grad():
-        stacked = _stack_terms(terms)
-        # the same noise draw as the torch scorer's (in the logits' dtype), so both paths pick the same chunks
-        noise = _gumbel_noise((n_chunks, size), stacked, generator)
-        exps = _shifted_exps(stacked) if stacked.device.type == "cpu" and native.KERNEL is not None else None
+        logits = [matrix.detach() for _, _, matrix in terms]
+        highs = []
+        for (_, name, _), matrix in zip(terms, logits, strict=True):
+            low, high = torch.aminmax(matrix)
+            limit = _score_limit(matrix)
+            if not (float(high) <= limit and float(low) >= -limit):  # NaN fails both
+                raise _unbounded_error([name], limit)
+            highs.append(float(high))
+        signs = [sign for sign, _, _ in terms]
+        # the same noise draw on both paths (in the working dtype), so both pick the same chunks
+        noise = _gumbel_noise((n_chunks, size), torch.empty(0, dtype=dtype, device=logits[0].device), generator)
+        exps = _exps_of(logits, highs, dtype) if logits[0].device.type == "cpu" and native.KERNEL is not None else None
         if exps is None:
-            scorer = _SoftmaxScorer(stacked, torch.tensor([sign for sign, _ in terms]))
+            stacked = torch.stack([matrix.to(dtype) for matrix in logits])
+            scorer = _SoftmaxScorer(stacked, torch.tensor(signs))
             return _chunked_sample(scorer, size, batch_size, n_chunks, stacked, generator, noise)
-        noise = noise.to(exps.dtype)
-        return _softmax_chunk_loop_native(exps, [sign for sign, _ in terms], noise, batch_size // n_chunks)
+        return _softmax_chunk_loop_native(exps, signs, noise.to(exps.dtype), batch_size // n_chunks)
 
 
 def _softmax_chunk_loop_native(exps: Tensor, signs: list[float], noise: Tensor, per_chunk: int) -> Tensor:
@@ -364,20 +375,32 @@ _EXP_DOMAIN_GAP: dict[torch.dtype, float] = {torch.float32: 60.0, torch.float64:
 
 
 def _shifted_exps(stacked: Tensor) -> Tensor | None:
-    """``exp(L_m - max L_m)`` of ``[M, B, B]`` logits for the native softmax loop (consuming ``stacked``), or
-    ``None`` (``stacked`` untouched) if that could underflow where it matters.
+    """:func:`_exps_of` the models of ``[M, B, B]`` logits (``stacked`` is left untouched)."""
+    highs = [float(high) for high in stacked.amax(dim=(1, 2))]
+    return _exps_of(list(stacked), highs, stacked.dtype)
 
-    Float32 (for float32 logits) when every positive lies within 60 of its model's maximum logit, float64
+
+def _exps_of(logits: list[Tensor], highs: list[float], dtype: torch.dtype) -> Tensor | None:
+    """``[M, B, B]`` ``exp(L_m - max L_m)`` for the native softmax loop (``highs[m] = max L_m``), or ``None`` if
+    that could underflow where it matters.
+
+    Float32 (for ``dtype`` float32) when every positive lies within 60 of its model's maximum logit, float64
     when within 600 (any CLIP logits with a temperature below ~300), otherwise ``None`` and the caller runs
-    the log-domain torch scorer, which handles any finite logits.
+    the log-domain torch scorer, which handles any finite logits. One subtraction into a fresh buffer and an
+    in-place exp per model: no stacked copy of the logits.
     """
-    shift = stacked.amax(dim=(1, 2), keepdim=True)
-    gap = float((shift.flatten() - stacked.diagonal(dim1=1, dim2=2).amin(dim=1)).max())
-    if stacked.dtype == torch.float32 and gap <= _EXP_DOMAIN_GAP[torch.float32]:
-        return stacked.sub_(shift).exp_()
-    if gap <= _EXP_DOMAIN_GAP[torch.float64]:
-        return stacked.double().sub_(shift.double()).exp_()
-    return None
+    gap = max(high - float(matrix.diagonal().amin()) for matrix, high in zip(logits, highs, strict=True))
+    if dtype == torch.float32 and gap <= _EXP_DOMAIN_GAP[torch.float32]:
+        exps_dtype = torch.float32
+    elif gap <= _EXP_DOMAIN_GAP[torch.float64]:
+        exps_dtype = torch.float64
+    else:
+        return None
+    size = logits[0].shape[0]
+    exps = torch.empty((len(logits), size, size), dtype=exps_dtype)
+    for out, matrix, high in zip(exps, logits, highs, strict=True):
+        torch.sub(matrix.to(exps_dtype), high, out=out)
+    return exps.exp_()
 
 
 def _stack_terms(terms: list[tuple[float, Tensor]]) -> Tensor:
@@ -404,14 +427,15 @@ def jest_select_softmax(
     :func:`jest_select`. Δ is 0 for every k when ``A = ∅``, so chunk 1 is drawn ∝ ``exp`` of each example's
     super-batch learnability (:func:`super_batch_learnability`) instead of uniformly.
     """
-    _validate_scores("learner_logits", learner_logits)
-    _validate_scores("reference_logits", reference_logits)
+    _validate_square("learner_logits", learner_logits)
+    _validate_square("reference_logits", reference_logits)
     if learner_logits.shape != reference_logits.shape:
         raise ValueError(
             f"reference_logits: shape {tuple(reference_logits.shape)} differs from learner_logits "
             f"{tuple(learner_logits.shape)}"
         )
-    return _softmax_joint([(1.0, learner_logits), (-1.0, reference_logits)], batch_size, n_chunks, generator)
+    return _softmax_joint([(1.0, "learner_logits", learner_logits), (-1.0, "reference_logits", reference_logits)],
+                          batch_size, n_chunks, generator)
 
 
 def super_batch_learnability(learner_logits: Tensor, reference_logits: Tensor, loss: str) -> Tensor:
@@ -518,11 +542,8 @@ def select_batch(
     size = (learner if learner is not None else reference).shape[0]  # type: ignore[union-attr]
     _validate_sizes(size, batch_size, n_chunks)
     if loss == "softmax":
-        terms: list[tuple[float, Tensor]] = []
-        for sign, name, logits in ((1.0, "learner_logits", learner), (-1.0, "reference_logits", reference)):
-            if logits is not None:
-                _validate_scores(name, logits)
-                terms.append((sign, logits))
+        terms = [(sign, name, logits) for sign, name, logits in
+                 ((1.0, "learner_logits", learner), (-1.0, "reference_logits", reference)) if logits is not None]
         return _softmax_joint(terms, batch_size, n_chunks, generator)
     with torch.no_grad():
         return _pairwise_sample(_sigmoid_pair_scores(learner, reference), batch_size, n_chunks, generator)

@@ -821,3 +821,17 @@ def test_native_softmax_kernel_stays_unique_on_degenerate_exps() -> None:
     native.KERNEL.softmax_chunk_loop(numpy.zeros((2, 16, 16), numpy.float32), [1.0, -1.0],
                                      numpy.zeros((4, 16), numpy.float32), 2, out)
     assert len(set(out.tolist())) == 8 and out.min() >= 0 and out.max() < 16
+
+
+@pytest.mark.parametrize("kernel", ["native", "fallback"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, 1e307])
+@pytest.mark.parametrize("which", ["learner_logits", "reference_logits"])
+def test_unusable_logits_are_rejected_by_name_in_the_softmax_joint_path(
+    which: str, bad: float, kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if kernel == "fallback":
+        monkeypatch.setattr(native, "KERNEL", None)
+    logits = {"learner_logits": _matrix(8, seed=23), "reference_logits": _matrix(8, seed=24)}
+    logits[which][2, 5] = bad
+    with pytest.raises(ValueError, match=f"^{which}: contains NaN or infinite values, or values too large"):
+        select_batch("jest", loss="softmax", batch_size=4, n_chunks=2, **logits)
