@@ -85,3 +85,43 @@ def test_stop_never_signals_a_recycled_pid(tmp_path: Path) -> None:
 def test_load_without_state_names_the_missing_file(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match=r"pids\.json"):
         ControlPlane.load(tmp_path)
+
+
+def _pids_with_arg(arg: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if arg.encode() in argv and _running(int(proc.name)):
+                found.append(int(proc.name))
+    return found
+
+
+def test_down_also_ends_the_pods_the_node_agent_runs(tmp_path: Path) -> None:
+    """`make cluster-up` starts the node agent; `make cluster-down` must leave none of its pod processes."""
+    ensure_binaries()
+    workdir = tmp_path / "cluster"
+    up = _cli("up", workdir=workdir)
+    marker = f"300.{time.time_ns() % 10**9:09d}"  # a sleep argument no other process on the machine has
+    try:
+        assert up.returncode == 0, up.stderr
+        cp = ControlPlane.load(workdir)
+        assert "node-agent" in cp.pids
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "sleeper", "namespace": "default"},
+               "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 2,
+                        "containers": [{"name": "c", "image": "busybox", "command": ["sleep", marker]}]}}
+        cp.kubectl("apply", "-f", "-", input=json.dumps(pod))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not _pids_with_arg(marker):
+            time.sleep(0.25)
+        assert _pids_with_arg(marker), "the node agent never started the pod's process"
+        phase = cp.kubectl("get", "pod", "sleeper", "-o", "jsonpath={.status.phase}").stdout
+        assert phase in ("Pending", "Running")
+    finally:
+        down = _cli("down", workdir=workdir)
+    assert down.returncode == 0, down.stderr
+    assert _pids_with_arg(marker) == []
+    assert all(not _running(pid) for pid in cp.pids.values())
