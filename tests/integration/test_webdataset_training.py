@@ -3,6 +3,7 @@
 LAION/DataComp-style shards (``.png`` + ``.txt``, here also ``.cls`` and ``.noise``) are the format real
 jobs use; this runs the whole pipeline on them in-process: shards → pool, curated and test tables →
 reference training → JEST steps → zero-shot evaluation, and checks the noise kinds survived the round trip.
+The streaming tests serve shards from a real ``http.server`` that fails some requests on purpose.
 """
 
 from __future__ import annotations
