@@ -21,6 +21,7 @@ from jest_trainer import train as train_mod
 from jest_trainer.config import EnergyConfig, TrainingConfig, WorkerConfig
 from jest_trainer.models import hash_tokenize
 from jest_trainer.preprocess import build_image_transform
+from jest_trainer.shards import read_raw_samples
 
 from tests import shard_factory as sf
 
@@ -67,7 +68,8 @@ def test_trainer_trains_from_jestctl_digits_shards(tmp_path: Path) -> None:
 
 
 class _FlakyShardServer(http.server.ThreadingHTTPServer):
-    """Serves ``root``; the first GET of each name in ``fail_once`` answers 503, of ``drop_once`` breaks mid-body."""
+    """Serves ``root``; the first GET of each name in ``fail_once`` answers 503, of ``drop_once`` breaks mid-body;
+    names starting with ``busy-`` always answer 503."""
 
     def __init__(self, root: Path, *, fail_once: set[str], drop_once: set[str]) -> None:
         self.root, self.fail_once, self.drop_once = root, set(fail_once), set(drop_once)
@@ -86,7 +88,7 @@ class _FlakyHandler(http.server.BaseHTTPRequestHandler):
         name = self.path.lstrip("/")
         self.server.requests.append(name)
         path = self.server.root / name
-        if name in self.server.fail_once:
+        if name in self.server.fail_once or name.startswith("busy-"):
             self.server.fail_once.discard(name)
             self.send_error(503, "try again")
             return
@@ -146,3 +148,16 @@ def test_a_shard_missing_on_the_server_is_skipped_and_counted(shard_server: _Fla
     assert set(keys) == {sf.key(s, r) for s in (0, 3) for r in range(8)}
     assert skipped == {"unreadable_shard": 1}
     assert shard_server.requests.count("gone.tar") == 1  # a 404 is not transient: no retry
+
+
+@pytest.mark.slow
+def test_a_shard_failing_every_retry_is_skipped_after_backing_off(shard_server: _FlakyShardServer) -> None:
+    problems: list[str] = []
+    waits: list[float] = []
+    url = f"{shard_server.url}/busy-000000.tar"
+    samples = read_raw_samples(url, retries=3, backoff_seconds=0.5, sleep=waits.append,
+                               on_problem=lambda reason, u, k, detail: problems.append(f"{reason}: {detail}"))
+    assert list(samples) == []
+    assert waits == [0.5, 1.0, 2.0]  # exponential backoff, then give up
+    assert shard_server.requests.count("busy-000000.tar") == 4
+    assert len(problems) == 1 and problems[0].startswith("unreadable_shard") and "HTTP 503" in problems[0]
