@@ -29,7 +29,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -200,6 +200,9 @@ class ManagedProcess:
     start_time: int | None
     log: Path
     popen: subprocess.Popen | None = field(default=None, repr=False, compare=False)
+    argv: list[str] = field(default_factory=list, repr=False)
+    env: dict[str, str] | None = field(default=None, repr=False)
+    cwd: Path | None = field(default=None, repr=False)
 
     def alive(self) -> bool:
         """True while the very process we started (same pid and start time) still runs."""
@@ -223,6 +226,13 @@ class ManagedProcess:
                 os.killpg(self.pid, signal.SIGKILL)
         else:
             # The leader exited; children left in its group (pod processes) get the same signal.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+        self._reap()
+
+    def kill(self) -> None:
+        """SIGKILL the process group at once (a crash, for fault tests); never touches a recycled pid."""
+        if self.alive():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
         self._reap()
@@ -367,11 +377,62 @@ class ControlPlane:
                                      start_new_session=True, env=dict(env) if env is not None else None,
                                      cwd=str(cwd or self.workdir),
                                      preexec_fn=_die_with_parent if self.die_with_parent else None)
-        proc = ManagedProcess(name, popen.pid, _proc_start_time(popen.pid), log, popen)
+        proc = ManagedProcess(name, popen.pid, _proc_start_time(popen.pid), log, popen, list(argv),
+                              dict(env) if env is not None else None, cwd)
         self.processes.append(proc)
         return proc
 
-    def _wait(self, what: str, proc: ManagedProcess, probe, timeout: float) -> None:
+    def restart(self, name: str, *, crash: bool = False, down_for: float = 0.0,
+                timeout: float = 60.0) -> ManagedProcess:
+        """Stop one component and start it again with the same command line, ports and data; return once
+        it is ready again. For fault tests (an API server or etcd restart while a job trains).
+
+        ``crash=True`` SIGKILLs it instead of the graceful SIGTERM; ``down_for`` keeps it down that many
+        seconds. Only processes started by this handle (not one rebuilt by :meth:`load`) can be restarted.
+        """
+        index = next((i for i, p in enumerate(self.processes) if p.name == name), None)
+        if index is None:
+            raise ControlPlaneError(f"no process named {name!r}; have {sorted(self.pids)}")
+        old = self.processes[index]
+        if not old.argv:
+            raise ControlPlaneError(f"{name} was not started by this handle; its command line is unknown")
+        if crash:
+            old.kill()
+        else:
+            old.stop()
+        time.sleep(down_for)
+        del self.processes[index]
+        new = self._spawn(name, old.argv, env=old.env, cwd=old.cwd)
+        self.processes.remove(new)
+        self.processes.insert(index, new)
+        self.write_state()
+        self._wait(f"{name} to be ready again", new, self._ready_probe(name), timeout)
+        return new
+
+    def _ready_probe(self, name: str) -> Callable[[], bool]:
+        """The readiness check of one component, as used at start and after :meth:`restart`."""
+        if name == "etcd":
+            def etcd() -> bool:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['etcd']}/health", timeout=2) as resp:
+                    return json.loads(resp.read()).get("health") == "true"
+            return etcd
+        if name == "kube-apiserver":
+            def apiserver() -> bool:
+                return self.api("GET", "/readyz", timeout=3) == (200, "ok")
+            return apiserver
+        if name == "kube-controller-manager":
+            def kcm() -> bool:
+                # Its serving certificate is self-signed (--cert-dir); only liveness is asked here.
+                ctx = ssl.create_default_context()
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+                with urllib.request.urlopen(f"https://127.0.0.1:{self.ports['kcm']}/healthz", context=ctx,
+                                            timeout=3) as resp:
+                    return resp.status == 200
+            return kcm
+        return lambda: True
+
+    def _wait(self, what: str, proc: ManagedProcess, probe: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not proc.alive():
@@ -390,12 +451,6 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
-
-
-def _tcp_open(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def start_control_plane(workdir: Path, *, bin_dir: Path | None = None, node_agent: bool = False,
@@ -470,12 +525,7 @@ def _start_etcd(cp: ControlPlane, bin_dir: Path, timeout: float) -> None:
         "--unsafe-no-fsync=true", "--log-level=warn",
     ])
     cp.write_state()
-
-    def healthy() -> bool:
-        with urllib.request.urlopen(f"{client}/health", timeout=2) as resp:
-            return json.loads(resp.read()).get("health") == "true"
-
-    cp._wait("etcd /health", proc, healthy, timeout)
+    cp._wait("etcd /health", proc, cp._ready_probe("etcd"), timeout)
 
 
 def _start_apiserver(cp: ControlPlane, bin_dir: Path, timeout: float) -> None:
@@ -503,12 +553,7 @@ def _start_apiserver(cp: ControlPlane, bin_dir: Path, timeout: float) -> None:
         "--endpoint-reconciler-type=none", "--v=1",
     ])
     cp.write_state()
-
-    def ready() -> bool:
-        status, body = cp.api("GET", "/readyz", timeout=3)
-        return status == 200 and body == "ok"
-
-    cp._wait("kube-apiserver /readyz", proc, ready, timeout)
+    cp._wait("kube-apiserver /readyz", proc, cp._ready_probe("kube-apiserver"), timeout)
 
 
 def _start_kcm(cp: ControlPlane, bin_dir: Path, kcm_kubeconfig: Path, timeout: float) -> None:
