@@ -267,3 +267,14 @@ def test_torchrun_pod_runs_its_processes_as_one_local_node(tmp_path: Path) -> No
     summary = json.loads(summary_path.read_text())
     assert (summary["phase"], summary["world_size"], summary["steps"]) == ("Succeeded", 2, 12)
     assert "[node 0]" in output and "[rank 1]" in output  # torchrun's second local rank logs through node 0
+
+
+def test_two_workers_train_with_the_softmax_loss(tmp_path: Path) -> None:
+    """CLIP's softmax loss never reads the bias; DDP must not wait for its gradient (it used to hang/crash)."""
+    workdir = tmp_path / "work"
+    with jestctl(tmp_path, workdir, "spec.training.selection.loss=softmax", "spec.training.steps=4",
+                 "spec.training.eval.intervalSteps=4") as (process, summary_path):
+        output = finish(process)
+    assert process.returncode == 0, output
+    summary = json.loads(summary_path.read_text())
+    assert (summary["phase"], summary["steps"]) == ("Succeeded", 4)

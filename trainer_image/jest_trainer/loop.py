@@ -365,9 +365,16 @@ def _curated_source(cfg: TrainingConfig, ctx: DistContext) -> Any:
     batch_size = cfg.reference.train.batch_size if cfg.reference.train is not None else 64
 
     def open_stream(model: nn.Module) -> Any:
+        from jest_trainer.shards import resolve_shards
+
         transform = build_image_transform(reference_model_config(cfg), cfg.data, train=True,
                                           image_spec=model.image_spec)
-        stream = open_curated_stream(cfg, rank=0, world_size=1, batch_size=batch_size, transform=transform,
+        # a curated set is often a single shard: never ask for more readers than it has shards
+        urls = cfg.reference.train.urls if cfg.reference.train is not None else None
+        shards = len(resolve_shards(urls, field="reference.train.urls")) if urls else 1
+        workers = min(cfg.data.loader_workers, shards)
+        curated_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"loader_workers": workers})})
+        stream = open_curated_stream(curated_cfg, rank=0, world_size=1, batch_size=batch_size, transform=transform,
                                      tokenizer=model.tokenizer, pin_memory=ctx.device.type == "cuda")
         return stream_batches(stream)
 
@@ -525,6 +532,9 @@ def run(
     if ctx.is_main and device.type == "cpu" and cfg.selection.loss == "sigmoid" and native.KERNEL is None:
         log.warning("selection: the native CPU kernel was not built (no C compiler when the package was installed); "
                     "the NumPy fallback draws the same batches, with about twice the selection time per step")
+    if cfg.selection.loss == "softmax":
+        # the softmax (CLIP) loss never reads the bias: a parameter without a gradient stalls DDP's reducer
+        model.logit_bias.requires_grad_(False)
     train_model: nn.Module = model
     if ctx.distributed:
         from torch.nn.parallel import DistributedDataParallel
