@@ -132,6 +132,8 @@ def _proc_start_time(pid: int) -> int | None:
 
 
 def _openssl(*args: str, cwd: Path) -> None:
+    if shutil.which("openssl") is None:
+        raise ControlPlaneError("the openssl CLI is missing (apt-get install openssl): it makes the certificates")
     proc = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise ControlPlaneError(f"openssl {' '.join(args[:2])} failed: {proc.stderr.strip()}")
