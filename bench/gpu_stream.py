@@ -291,7 +291,7 @@ def report(summary: Mapping[str, Any], monitor_doc: Mapping[str, Any], *, counte
         "wall_seconds": summary.get("wall_seconds"),
         "trainer_energy": summary.get("energy"),
         "final_accuracy": summary.get("final_accuracy"),
-        "flops_total": sum(float(v) for v in counters["flops"].values()) if counters and counters.get("flops") else None,
+        "flops_total": sum(float(v) for v in (counters or {}).get("flops", {}).values()) or None,
         "gpu": gpu,
     }
 
