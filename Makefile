@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv demo test test-fast lint crds controlplane cluster-up cluster-down cluster-status bench bench-selection bench-scaling bench-reconcile bench-energy bench-arithmetic bench-data prometheus clean
+.PHONY: venv demo test test-fast lint crds controlplane cluster-up cluster-down cluster-status bench bench-selection bench-scaling bench-reconcile bench-energy bench-arithmetic bench-data bench-real-data emoji-font prometheus clean
 
 $(STAMP): pyproject.toml setup.py trainer_image/jest_trainer/_selection_native.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(VENV)/bin/jestctl run examples/quickstart.yaml --workdir .demo --json .demo/summary.json
 
 ## make test: lint, CRD drift, unit, integration and end-to-end tests
-test: $(STAMP) prometheus controlplane
+test: $(STAMP) prometheus emoji-font controlplane
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest tests
@@ -58,7 +58,12 @@ prometheus:
 	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
 
-bench: bench-selection bench-scaling bench-reconcile bench-energy bench-arithmetic bench-data
+## Debian's Noto Color Emoji (the real image-text data set of bench/real_data_shards.py and its tests)
+emoji-font:
+	@test -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-noto-color-emoji >/dev/null; }
+
+bench: bench-selection bench-scaling bench-reconcile bench-energy bench-arithmetic bench-data bench-real-data
 
 ## every selection method at f = 0.5 / 0.8 / 0.9, 3 seeds (about 5 min each on 2 cores)
 bench-selection: $(STAMP)
@@ -83,6 +88,11 @@ bench-arithmetic: $(STAMP)
 bench-data: $(STAMP)
 	$(PY) bench/data_stream.py memory
 	$(PY) bench/data_stream.py loader
+
+## real data (Noto emoji glyphs named by Unicode): uniform, learnability_topk, jest at f = 0.8, 3 seeds via jestctl run
+bench-real-data: $(STAMP) emoji-font
+	$(PY) bench/real_data_shards.py --out /tmp/jest-real-data/shards
+	$(PY) bench/real_data.py --data /tmp/jest-real-data/shards --workdir /tmp/jest-real-data/runs --partial
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache build trainer_image/jest_trainer/*.so
