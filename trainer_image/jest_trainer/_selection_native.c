@@ -146,7 +146,7 @@ DEFINE_CHUNK_LOOP(chunk_loop_float64, double)
 DEFINE_TOP_UNTAKEN(top_untaken_float32, float)
 DEFINE_TOP_UNTAKEN(top_untaken_float64, double)
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__) /* ifunc */
 /* Built once per x86-64 level and picked at load time (an ifunc): AVX-512 or AVX2+FMA where the CPU has them,
  * the baseline SSE2 build elsewhere. The same arithmetic, so the same draws up to float rounding. */
 #define MULTIVERSIONED __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
