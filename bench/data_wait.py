@@ -49,8 +49,10 @@ def measure(*, steps: int, batch: int, image_px: int, image_size: int, workers: 
         "checkpoint": {"dir": str(workdir / "ckpt"), "intervalSteps": steps},
         "eval": {"intervalSteps": steps},
     })
+    load_before = os.getloadavg()
     summary = train(WorkerConfig(training=training, energy=EnergyConfig(backend="modelled")),
                     env={"JEST_PROGRESS": "plain"}, ctx=single_process(), install_signal_handlers=False)
+    load_after = os.getloadavg()
     phases = summary["phase_seconds"]
     return {
         "data_wait_fraction": summary["data_wait_fraction"],
@@ -62,7 +64,9 @@ def measure(*, steps: int, batch: int, image_px: int, image_size: int, workers: 
         "image_px": image_px, "image_size": image_size, "shards": shards, "samples": shards * per_shard,
         "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine(),
         "samples_skipped": summary["samples_skipped"],
-        "note": "loader workers share the machine's cores with the training process",
+        "load_average_1m": {"before": load_before[0], "after": load_after[0]},
+        "note": "loader workers share the machine's cores with the training process (and, on a shared host, "
+                "with whatever else runs: see load_average_1m)",
     }
 
 
