@@ -106,16 +106,22 @@ def start_real(workdir: Path) -> Server:
     from hack.devcluster.controlplane import start_control_plane
 
     cp = start_control_plane(workdir / "cluster", die_with_parent=True)
-    try:
-        cp.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-        cp.kubectl("wait", "--for=condition=Established", "crd/jesttrainingjobs.jest.training", "--timeout=60s")
-    except BaseException:
-        cp.stop()
-        raise
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {cp.token}"
     session.verify = str(cp.ca_path)
     session.trust_env = False  # REQUESTS_CA_BUNDLE would otherwise replace the cluster CA
+    crd_url = f"{cp.server}/apis/apiextensions.k8s.io/v1/customresourcedefinitions/jesttrainingjobs.jest.training"
+
+    def established() -> bool:
+        conditions = (session.get(crd_url, timeout=5).json().get("status") or {}).get("conditions") or []
+        return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
+
+    try:
+        cp.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+        wait_until(established, 60, "the CRD to be Established")  # (kubectl wait errors before conditions exist)
+    except BaseException:
+        cp.stop()
+        raise
     return Server("real", cp.server, cp.kubeconfig, session, dict(cp.pids), cp.stop)
 
 
