@@ -10,6 +10,7 @@ its own namespace; one operator watches them all (``-A``, the chart's default).
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,7 +78,8 @@ def reasons(cluster: RealCluster, name: str) -> list[str]:
 
 
 def forbidden_in_log(operator: Operator) -> list[str]:
-    return [line for line in operator.log().splitlines() if "403" in line or "Forbidden" in line]
+    """Log lines of refused API calls (our KubeError says 'HTTP 403', Kopf's errors say 'Forbidden')."""
+    return [line for line in operator.log().splitlines() if re.search(r"HTTP 403|Forbidden", line)]
 
 
 # ---------------------------------------------------------------------------------------------- the user flow
