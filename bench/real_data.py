@@ -27,7 +27,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 DEFAULT_METHODS: tuple[str, ...] = ("jest", "uniform", "learnability_topk")
 NOISE_KINDS: tuple[str, ...] = ("clean", "wrong", "junk", "duplicate")
+MEANINGFUL_OVER_CHANCE = 2.0  # below this multiple of chance, uniform has not learned and speed-ups are noise
 log = logging.getLogger("bench.real_data")
 
 
@@ -122,6 +122,9 @@ def summarise(runs: Mapping[str, Sequence[Mapping[str, Any]]], *, n_classes: int
                    "iterations_to_uniform_final": (last_step / needed) if needed else None}  # fmt: skip
     ratio = speedup["iterations_to_uniform_final"]
     uniform_mean = methods.get("uniform", {}).get("mean")
+    if uniform_mean is not None and uniform_mean < MEANINGFUL_OVER_CHANCE * chance:
+        speedup["note"] = (f"uniform's final accuracy is below {MEANINGFUL_OVER_CHANCE:g}x chance: the iterations "
+                           "ratio compares noise, not learning")
     return {
         "chance": chance,
         "reference_accuracy": list(reference_accuracy),
@@ -146,29 +149,32 @@ def jestctl() -> list[str]:
 
 
 def run_job(manifest: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
-    """Run one manifest with ``jestctl run``; returns its ``--json`` summary plus the final checkpoint's counters."""
-    from jest_trainer.checkpoint import load_latest_checkpoint
-
+    """Run one manifest with ``jestctl run``; returns its record (``load_record``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "job.yaml"
     path.write_text(yaml.safe_dump(dict(manifest), sort_keys=False))
     summary_path = workdir / "summary.json"
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    started = time.monotonic()
     completed = subprocess.run([*jestctl(), "run", str(path), "--workdir", str(workdir), "--json", str(summary_path),
                                 "--no-progress"], env=env, capture_output=True, text=True, check=False)  # fmt: skip
     (workdir / "stdout.log").write_text(completed.stdout + completed.stderr)
     if completed.returncode != 0 or not summary_path.is_file():
         raise RuntimeError(f"jestctl run {path} failed ({completed.returncode}): {completed.stderr[-2000:]}")
-    summary = json.loads(summary_path.read_text())
+    return load_record(workdir)
+
+
+def load_record(workdir: Path) -> dict[str, Any]:
+    """One finished run's record: its ``jestctl run --json`` summary plus the final checkpoint's counters."""
+    from jest_trainer.checkpoint import load_latest_checkpoint
+
+    summary = json.loads((workdir / "summary.json").read_text())
     if summary.get("phase") != "Succeeded":
-        raise RuntimeError(f"jestctl run {path}: phase {summary.get('phase')}: {summary.get('message')}")
+        raise RuntimeError(f"run in {workdir}: phase {summary.get('phase')}: {summary.get('message')}")
     loaded = load_latest_checkpoint(workdir / "checkpoints")
     if loaded is None:
-        raise RuntimeError(f"jestctl run {path}: no checkpoint in {workdir / 'checkpoints'}")
+        raise RuntimeError(f"run in {workdir}: no checkpoint in {workdir / 'checkpoints'}")
     counters = loaded.state["counters"]
-    return {**summary, "eval_history": counters["eval_history"], "selected_mix": counters["selected_mix"],
-            "wall_seconds": summary.get("wall_seconds", time.monotonic() - started)}  # fmt: skip
+    return {**summary, "eval_history": counters["eval_history"], "selected_mix": counters["selected_mix"]}
 
 
 def reference_accuracy(reference_path: Path, manifest: Mapping[str, Any]) -> float | None:
@@ -216,7 +222,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         reference_path: Path | None = None
         for method in methods:
             workdir = args.workdir / f"seed{seed}" / method
-            shutil.rmtree(workdir, ignore_errors=True)
+            if not args.from_runs:
+                shutil.rmtree(workdir, ignore_errors=True)
             manifest = job_manifest(
                 name=f"real-{method.replace('_', '-')}-{seed}", method=method, seed=seed, urls=urls,
                 steps=args.steps, eval_every=args.eval_every, filter_ratio=args.filter_ratio,
@@ -224,12 +231,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 loader_workers=args.loader_workers, reference_steps=args.reference_steps,
                 reference_checkpoint=str(reference_path) if reference_path else None,
             )
-            record = run_job(manifest, workdir)
+            record = load_record(workdir) if args.from_runs else run_job(manifest, workdir)
             runs[method].append(record)
             if reference_path is None:
                 trained = workdir / "checkpoints" / "reference.pt"
                 reference_path = args.workdir / f"seed{seed}" / "reference.pt"
-                shutil.copyfile(trained, reference_path)
+                if not args.from_runs:
+                    shutil.copyfile(trained, reference_path)
                 references.append(reference_accuracy(reference_path, manifest) or 0.0)
             log.warning("seed %d %-18s final zero-shot %.3f (chance %.3f, %.0f s)", seed, method,
                         record["final_accuracy"], 1 / len(data["classes"]), record["wall_seconds"])
@@ -298,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "real_data.json")
     parser.add_argument("--plot", type=Path, default=REPO / "bench" / "results" / "real_data.png")
     parser.add_argument("--partial", action="store_true", help="rewrite --out after every run (partial: true)")
+    parser.add_argument("--from-runs", action="store_true",
+                        help="train nothing: rebuild the results from the finished runs under --workdir")
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

@@ -63,3 +63,12 @@ def test_summary_when_jest_never_reaches_uniform() -> None:
     assert document["speedup"]["jest_steps_to_uniform_final"] is None
     assert document["speedup"]["iterations_to_uniform_final"] is None
     assert document["goals"]["jest_2x_fewer_iterations"] is False
+
+
+def test_a_speedup_over_an_unlearned_uniform_is_flagged() -> None:
+    runs = {"uniform": [record(0.015, [(0, 0.01), (60, 0.015)])], "jest": [record(0.02, [(0, 0.01), (30, 0.02)])]}
+    document = rd.summarise(runs, n_classes=100, reference_accuracy=[0.01])
+    assert document["speedup"]["iterations_to_uniform_final"] is not None
+    assert "compares noise" in document["speedup"]["note"]
+    learned = rd.summarise({"uniform": [record(0.3, [(0, 0.0), (60, 0.3)])]}, n_classes=100, reference_accuracy=[])
+    assert "note" not in learned["speedup"]
