@@ -137,6 +137,7 @@ def failed_summary(message: str) -> dict[str, Any]:
         "phase": "Failed", "world_size": None, "steps": None, "restarts": 0, "resumed_from_step": None,
         "final_accuracy": None, "examples_trained": None, "examples_scored": None,
         "energy": {"joules": None, "method": None, "source": None}, "examples_per_second": None,
+        "retrieval": None, "samples_skipped": None, "reference_mode": None, "data_wait_fraction": None,
         "wall_seconds": 0.0, "restart_to_resume_seconds": [], "message": message,
     }
 
