@@ -10,7 +10,7 @@ does beyond orchestration lives here, importable and tested on CPU (``tests/unit
   labels and ``class_prompts.json``. The content only has to be decodable, varied and captioned: the
   benchmark measures throughput, data wait, utilisation, memory and energy, not accuracy.
 * ``manifest``: the ``JESTTrainingJob`` (open_clip ViT-B-32 from random init, bf16, streaming, JEST at
-  f = 0.8, ``energy.backend: nvml``) that ``jestctl run`` trains.
+  f = 0.8, ``energy.backend: auto``: NVML where it works) that ``jestctl run`` trains.
 * ``monitor``: samples NVML (utilisation, memory used, power) until SIGTERM and reads the total-energy
   counter at both ends, so the counter can be compared with the integral of the sampled power.
 * ``report``: folds ``jestctl run --json``, the monitor's file and the final checkpoint into one JSON.
@@ -187,7 +187,7 @@ def job_manifest(urls: Mapping[str, str], *, arch: str, steps: int, batch_size: 
                 "checkpoint": {"dir": "/checkpoints", "intervalSteps": steps, "keep": 1},
                 "eval": {"intervalSteps": steps},
             },
-            "energy": {"backend": "nvml" if gpu else "modelled"},
+            "energy": {"backend": "auto" if gpu else "modelled"},  # auto: the NVML counter when pynvml works
             "runPolicy": {"backoffLimit": 0},
         },
     }  # fmt: skip

@@ -52,7 +52,7 @@ def test_gpu_manifest_is_a_valid_vitb32_bf16_jest_job() -> None:
     training = job.spec.training
     assert (training.model.arch, training.precision, training.selection.method) == ("openclip:ViT-B-32", "bf16", "jest")
     assert training.selection.filter_ratio == 0.8 and training.data.loader_workers == 8
-    assert job.spec.accelerator.type == "gpu" and job.spec.energy.backend == "nvml"
+    assert job.spec.accelerator.type == "gpu" and job.spec.energy.backend == "auto"
 
 
 class FakeNvml:
