@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
 from jest_operator.api import parse_job
 from jest_operator.crd import validate_custom_resource
 
 from bench import real_data as rd
+
+REPO = Path(__file__).resolve().parents[3]
+COMMITTED_CRD = yaml.safe_load((REPO / "crds" / "jesttrainingjobs.jest.training.yaml").read_text())
 
 URLS = {"pool": "/d/pool/pool-{000000..000007}.tar", "curated": "/d/curated/curated-000000.tar",
         "test": "/d/test/test-000000.tar"}  # fmt: skip
@@ -21,8 +27,6 @@ def manifest(method: str = "jest", reference_checkpoint: str | None = None) -> d
 
 @pytest.mark.parametrize("method", ["jest", "uniform", "learnability_topk"])
 def test_manifests_pass_the_crd_and_the_parser(method: str) -> None:
-    from tests.unit.jest_operator.test_examples import COMMITTED_CRD
-
     body = manifest(method, reference_checkpoint=None if method == "jest" else "/w/seed0/reference.pt")
     assert validate_custom_resource(body, COMMITTED_CRD) == []
     training = parse_job(body).spec.training
