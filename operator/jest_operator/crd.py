@@ -164,6 +164,7 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
     ],
     "spec": [
         _rule(
+            "self.numNodes < 1 || self.numProcPerNode < 1 || self.training.selection.chunks < 1 || "
             "self.training.selection.batchSize % "
             "(self.numNodes * self.numProcPerNode * self.training.selection.chunks) == 0",
             "training.selection.batchSize must be divisible by numNodes x numProcPerNode x selection.chunks",
