@@ -91,6 +91,20 @@ def test_tiny_towers_embed_into_the_unit_sphere(pairs: tuple[torch.Tensor, list[
         model.encode_image(torch.rand(2, 3, 8, 8))
 
 
+def test_tiny_colour_tower_ignores_each_image_background_colour() -> None:
+    """A per-image colour cast (the background of a natural picture) does not move the embedding,
+    while the picture's content does: the built-in tower centres colour input per image."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(image_size=16), image_shape=(3, 16, 16))
+    images = torch.randn(4, 3, 16, 16)
+    cast = torch.randn(4, 3, 1, 1) * 2.0
+    with torch.no_grad():
+        plain, shifted = model.encode_image(images), model.encode_image(images + cast)
+        other = model.encode_image(torch.randn(4, 3, 16, 16))
+    assert torch.allclose(plain, shifted, atol=1e-5)
+    assert not torch.allclose(plain, other, atol=1e-2)
+
+
 def test_tiny_towers_learn_digits_pairs(pairs: tuple[torch.Tensor, list[str]]) -> None:
     torch.manual_seed(0)
     model = build_model(ModelConfig(), image_shape=DIGITS_SHAPE)
