@@ -86,23 +86,33 @@ def test_precomputed_mode_needs_sidecars_and_the_reference_checkpoint() -> None:
 
 
 def test_sidecars_hold_the_online_embeddings_keyed_by_sample(tmp_path: Path, reference, demo) -> None:
+    """One sidecar per data shard, named like it, keys in data order; an empty shard still gets one."""
+    from types import SimpleNamespace
+
     import webdataset as wds
 
     batch = _batch(reference, demo, list(range(10)))
-    manifest = ref_mod.write_sidecars(
-        reference, [(batch.keys[:6], batch.images[:6], batch.tokens[:6]), (batch.keys[6:], batch.images[6:],
-                                                                            batch.tokens[6:])],
-        out_dir=tmp_path, input_spec=reference.image_spec, maxcount=4,
-    )
-    assert manifest["samples"] == 10 and manifest["embedDim"] == reference.embed_dim
-    assert sorted(p.name for p in tmp_path.glob("ref-*.tar")) == ["ref-000000.tar", "ref-000001.tar", "ref-000002.tar"]
-    assert manifest["urls"].endswith("ref-{000000..000002}.tar")
-    rows = {sample["__key__"]: sample for sample in wds.WebDataset(manifest["urls"], shardshuffle=False).decode()}
-    assert sorted(rows) == sorted(batch.keys)
+    shards = ["/data/pool-000000.tar", "/data/pool-000001.tar", "/data/pool-000002.tar"]
+    scanned = [
+        SimpleNamespace(url=shards[0], keys=batch.keys[:4], images=batch.images[:4], tokens=batch.tokens[:4]),
+        SimpleNamespace(url=shards[0], keys=batch.keys[4:6], images=batch.images[4:6], tokens=batch.tokens[4:6]),
+        SimpleNamespace(url=shards[1], keys=batch.keys[6:], images=batch.images[6:], tokens=batch.tokens[6:]),
+    ]
+    out = tmp_path / "emb"
+    manifest = ref_mod.write_sidecars(reference, scanned, shards=shards, out_dir=out, input_spec=reference.image_spec)
+    assert manifest["samples"] == 10 and manifest["shards"] == 3 and manifest["embedDim"] == reference.embed_dim
+    assert sorted(p.name for p in out.glob("*.tar")) == ["pool-000000.tar", "pool-000001.tar", "pool-000002.tar"]
     image, text = ref_mod.embed_batch(reference, batch.images, batch.tokens)
-    for index, key in enumerate(batch.keys):
-        assert torch.allclose(torch.from_numpy(rows[key][ref_mod.SIDECAR_IMAGE_FIELD]).float(), image[index], atol=2e-3)
-        assert torch.allclose(torch.from_numpy(rows[key][ref_mod.SIDECAR_TEXT_FIELD]).float(), text[index], atol=2e-3)
+    expected_keys = [batch.keys[:6], batch.keys[6:], []]
+    for name, keys in zip(["pool-000000.tar", "pool-000001.tar", "pool-000002.tar"], expected_keys, strict=True):
+        rows = list(wds.WebDataset(str(out / name), shardshuffle=False, empty_check=False).decode())
+        assert [row["__key__"] for row in rows] == keys
+        for row in rows:
+            index = batch.keys.index(row["__key__"])
+            assert torch.allclose(torch.from_numpy(row[ref_mod.SIDECAR_IMAGE_FIELD]).float(), image[index], atol=2e-3)
+            assert torch.allclose(torch.from_numpy(row[ref_mod.SIDECAR_TEXT_FIELD]).float(), text[index], atol=2e-3)
+    with pytest.raises(ValueError, match="share a file name"):
+        ref_mod.write_sidecars(reference, [], shards=["/a/x.tar", "/b/x.tar"], out_dir=tmp_path / "dup")
 
 
 def test_training_is_deterministic_for_a_seed(demo) -> None:
