@@ -52,6 +52,7 @@ import torch
 from torch import Tensor
 
 from jest_trainer.preprocess import ImageDecodeError
+from jest_trainer.schedule import mixed_seed, shard_indices, super_batch_positions
 from jest_trainer.shards import read_raw_samples
 
 log = logging.getLogger("jest_trainer.data")
@@ -115,12 +116,6 @@ def check_skip_fraction(
         skipped=skipped,
         seen=seen,
     )
-
-
-def mixed_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers (SeedSequence: neighbouring inputs give unrelated seeds)."""
-    state = np.random.SeedSequence([int(part) for part in parts]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
 
 
 def key_seed(seed: int, epoch: int, key: str) -> int:
@@ -736,40 +731,6 @@ class PairRows(Protocol):
     noise_kind: list[str]
 
     def __len__(self) -> int: ...
-
-
-def shard_indices(pool_size: int, *, world_size: int, rank: int, seed: int) -> Tensor:
-    """Global row indices of ``rank``'s share: a seeded permutation split round-robin (disjoint, covering)."""
-    if pool_size < world_size:
-        raise ValueError(f"the pool has {pool_size} examples, fewer than the world size {world_size}")
-    generator = torch.Generator().manual_seed(mixed_seed(seed, 0x5A4D))
-    return torch.randperm(pool_size, generator=generator)[rank::world_size]
-
-
-def super_batch_positions(shard_size: int, *, local_super_batch: int, step: int, seed: int, rank: int) -> Tensor:
-    """Positions in the rank's share of the super-batch of 0-based ``step``.
-
-    The share is read in epochs, each a fresh seeded permutation; step ``s`` takes the ``B/W``
-    positions starting at cursor ``s * B/W`` of that infinite stream, so every super-batch is distinct
-    within an epoch and the stream depends only on (seed, rank, step).
-    """
-    if local_super_batch > shard_size:
-        raise ValueError(
-            f"selection: the per-rank super-batch ({local_super_batch}) exceeds this rank's pool shard "
-            f"({shard_size}); use a larger pool or a smaller batchSize / filterRatio"
-        )
-    cursor = step * local_super_batch
-    parts: list[Tensor] = []
-    needed = local_super_batch
-    while needed:
-        epoch, offset = divmod(cursor, shard_size)
-        generator = torch.Generator().manual_seed(mixed_seed(seed, rank, epoch, 0xE90C))
-        order = torch.randperm(shard_size, generator=generator)
-        take = min(needed, shard_size - offset)
-        parts.append(order[offset : offset + take])
-        cursor += take
-        needed -= take
-    return torch.cat(parts)
 
 
 @dataclass
