@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import yaml
 
 from hack.devcluster.controlplane import ControlPlane, ControlPlaneError, ensure_binaries, start_control_plane
 from tests.conftest import REPO_ROOT, find_free_port
+from tests.integration.kube.conftest import wait_for
 
 CHART = REPO_ROOT / "charts" / "jest-operator"
 RELEASE = "jest"
@@ -32,15 +32,8 @@ OPERATOR_SERVICE_ACCOUNT = "jest-jest-operator"
 
 
 def wait_until(predicate: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.5) -> Any:
-    """Poll ``predicate`` until truthy; fail naming ``what`` (and the last value) after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:g} s waiting for {what} (last: {last!r})")
+    """``wait_for`` with this folder's keyword-only timeout and slower default polling."""
+    return wait_for(predicate, timeout=timeout, interval=interval, what=what)
 
 
 @dataclass

@@ -25,6 +25,7 @@ import yaml
 from hack.devcluster.controlplane import ControlPlane, render_kubeconfig
 
 from .conftest import REPO, wait_for
+from .conftest import job_manifest as emulator_job_manifest
 
 CHART_DIR = REPO / "charts" / "jest-operator"
 RELEASE = "jest"
@@ -284,20 +285,11 @@ def install_crd(cp: ControlPlane) -> None:
     wait_for(established, timeout=60, interval=0.2, what="the CRD to be Established")
 
 
-def job_manifest(name: str, *, num_nodes: int = 2, run_policy: dict | None = None, energy: dict | None = None,
-                 spec_extra: dict | None = None) -> dict:
-    """A small valid CPU job (2 nodes, digits, few steps)."""
-    spec: dict[str, Any] = {
-        "image": "jest-trainer:test",
-        "numNodes": num_nodes,
-        "training": {"steps": 20, "selection": {"batchSize": 32, "chunks": 4}},
-        "runPolicy": {"backoffLimit": 1, **(run_policy or {})},
-    }
-    if energy:
-        spec["energy"] = energy
-    spec.update(spec_extra or {})
-    return {"apiVersion": "jest.training/v1alpha1", "kind": "JESTTrainingJob",
-            "metadata": {"name": name}, "spec": spec}
+def job_manifest(name: str, **kwargs: Any) -> dict:
+    """The emulator tests' small valid CPU job (2 nodes, digits, few steps), namespace left to the caller."""
+    manifest = emulator_job_manifest(name, **kwargs)
+    del manifest["metadata"]["namespace"]
+    return manifest
 
 
 def dumps(value: Any) -> str:
