@@ -33,8 +33,9 @@ What it does, in kubelet terms:
   ``MASTER_ADDR`` that names a pod) is remapped to a free host port per target pod;
 - **status** through ``pods/status`` (strategic merge, so conditions others own, such as DisruptionTarget,
   survive): phase, PodScheduled/PodReadyToStartContainers/Initialized/ContainersReady/Ready, container
-  states with exit codes (and the termination message: the file at ``terminationMessagePath`` or, with
-  ``FallbackToLogsOnError``, the log tail), readiness from httpGet/tcpSocket probes, liveness restarts;
+  states with exit codes (and the termination message: the per-container file that stands for
+  ``terminationMessagePath``, default ``/dev/termination-log``, or, with ``FallbackToLogsOnError``, the log
+  tail), readiness from httpGet/tcpSocket probes, liveness restarts;
 - **deletion**: on ``deletionTimestamp`` every container gets SIGTERM, SIGKILL after the pod's
   ``deletionGracePeriodSeconds``, the final status is written, and the pod is deleted with grace 0 (as the
   kubelet does) so the object goes away;
@@ -836,7 +837,17 @@ def plan_pod(pod: Mapping[str, Any], inputs: PodInputs) -> PodPlan:
     for kind, container in all_containers:
         where = f"spec.{kind}[{positions[kind]}]"
         positions[kind] += 1
-        table = MountTable.of(mounts_of(container, where))
+        name = str(container.get("name", ""))
+        message_path = str(container.get("terminationMessagePath") or DEFAULT_TERMINATION_MESSAGE_PATH)
+        # the kubelet bind-mounts a per-container file at terminationMessagePath; here the path is rewritten
+        # to that file wherever the container names it (a path under a volume stays in the volume)
+        own_mounts = mounts_of(container, where)
+        message_file = MountTable.of(own_mounts).rewrite_path(message_path)
+        if message_file is None:
+            message_file = str(inputs.pod_dir / "termination" / f"{kind}-{name}")
+            directories.append(inputs.pod_dir / "termination")
+            own_mounts.append(Mount(message_path, Path(message_file)))
+        table = MountTable.of(own_mounts)
         container_env = dict(runtime_env)
         sa_dir = table.rewrite_path(SERVICE_ACCOUNT_MOUNT)
         if sa_dir is not None and Path(sa_dir) / "token" in files:
@@ -870,12 +881,9 @@ def plan_pod(pod: Mapping[str, Any], inputs: PodInputs) -> PodPlan:
         cwd = Path(table.rewrite_path(working) or inputs.pod_dir / "rootfs" / working.lstrip("/")) if working \
             else inputs.pod_dir / "rootfs"
         directories.append(cwd)
-        name = str(container.get("name", ""))
-        message_path = str(container.get("terminationMessagePath") or DEFAULT_TERMINATION_MESSAGE_PATH)
-        message_file = table.rewrite_path(message_path)
         plans[kind].append(ContainerPlan(
             name=name, init=kind == "initContainers", command=LocalCommand(argv=argv, env=env, cwd=cwd),
-            spec=container, termination_message_file=Path(message_file) if message_file else None,
+            spec=container, termination_message_file=Path(message_file),
             log_path=inputs.pod_dir / "logs" / f"{name}.log"))
     return PodPlan(directories=directories, files=files, init_containers=plans["initContainers"],
                    containers=plans["containers"], kubeconfig=kubeconfig)

@@ -62,6 +62,9 @@ from jest_operator.api import (
 )
 
 CONTAINER_NAME = "trainer"
+#: Where the trainer leaves its final figures (the kubelet's default path, named explicitly so the
+#: trainer's ``JEST_TERMINATION_MESSAGE_PATH`` and the container spec cannot disagree).
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 CONFIG_VOLUME = "jest-config"
 SHM_VOLUME = "dshm"
 TMP_VOLUME = "tmp"
@@ -223,6 +226,7 @@ def pod_env(job: JESTTrainingJob, index: int, *, attempt: int) -> list[dict[str,
         _env("JEST_NAMESPACE", job.namespace),
         _env("JEST_ATTEMPT", attempt),
         _env("JEST_METRICS_PORT", METRICS_PORT),
+        _env("JEST_TERMINATION_MESSAGE_PATH", TERMINATION_MESSAGE_PATH),
     ]
     if spec.accelerator.type == "tpu":
         hostnames = ",".join(pod_fqdn(job, i) for i in range(spec.num_nodes))
@@ -322,6 +326,9 @@ def _container(job: JESTTrainingJob, index: int, attempt: int, mounts: list[dict
         "env": pod_env(job, index, attempt=attempt),
         "ports": ports,
         "volumeMounts": mounts,
+        # a clean exit leaves the final metrics summary here; a crash leaves the log tail (the error)
+        "terminationMessagePath": TERMINATION_MESSAGE_PATH,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "readinessProbe": {
             "httpGet": {"path": "/metrics", "port": "metrics"},
             "initialDelaySeconds": 2,

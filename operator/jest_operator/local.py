@@ -203,7 +203,8 @@ def localize_pod(pod: dict, *, config_map: dict | None, workdir: Path, master_po
       any argv element equal to the pod's original ``JEST_CONFIG``); without one the pod's
       ``JEST_CONFIG`` is kept as is;
     - ``JEST_STATUS_FILE`` is ``workdir/progress.json``; ``JEST_METRICS_PORT`` is ``metrics_port``
-      (removed when None, so the worker serves no metrics);
+      (removed when None, so the worker serves no metrics); ``JEST_TERMINATION_MESSAGE_PATH`` is removed
+      (a kubelet's file: a local run reads the progress file instead);
     - argv is the container's command + args, ``$(VAR)``-expanded, with its executable resolved from
       this interpreter's environment (``jest-trainer``, ``torchrun``).
 
@@ -221,6 +222,7 @@ def localize_pod(pod: dict, *, config_map: dict | None, workdir: Path, master_po
     if config_map is not None:
         env["JEST_CONFIG"] = str(write_local_config(config_map, workdir))
     env["JEST_STATUS_FILE"] = str(workdir / PROGRESS_FILE_NAME)
+    env.pop("JEST_TERMINATION_MESSAGE_PATH", None)
     if metrics_port is None:
         env.pop("JEST_METRICS_PORT", None)
     else:

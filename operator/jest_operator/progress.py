@@ -15,13 +15,18 @@ result into :class:`jest_operator.status.TrainerProgress`:
   (measured > integrated > modelled), so a partly modelled figure is never called measured; ``source``
   joins the distinct sources with ``+``.
 
+A worker that has exited cannot be scraped; its last figures come from its container's termination
+message instead (:func:`termination_summary`: on a clean exit the trainer writes there the same
+exposition cut to these families). So a job shorter than the reconcile interval still ends with its final
+step and energy in the status.
+
 Endpoint resolution (:func:`metrics_url`): the pod annotation ``jest.training/metrics-url`` wins (the
 test-only local kubelet sets it to ``http://127.0.0.1:<port>/metrics``, and an admin may point it at a
 sidecar); otherwise ``http://<status.podIP>:<container port named "metrics", default 9090>/metrics``.
 Pods without an IP, unreachable endpoints, garbage and partial expositions are tolerated: whatever could
 be read is used, the rest stays None (and the status keeps its previous value).
 
-Parsing is pure (:func:`parse_metrics`, :func:`combine_ranks`); only
+Parsing is pure (:func:`parse_metrics`, :func:`termination_summary`, :func:`combine_ranks`); only
 :func:`scrape` and :func:`read_progress` do I/O.
 """
 
@@ -44,6 +49,7 @@ METRICS_URL_ANNOTATION = "jest.training/metrics-url"
 METRICS_PORT_NAME = "metrics"
 DEFAULT_METRICS_PORT = 9090
 METHOD_TRUST_ORDER: tuple[str, ...] = ("measured", "integrated", "modelled")
+TRAINER_CONTAINER_NAME = "trainer"
 
 
 @dataclass
@@ -239,24 +245,49 @@ def read_progress(
     timeout: float = 1.0,
     fetch: Callable[[str, float], str | None] = scrape,
 ) -> TrainerProgress | None:
-    """Scrape every running worker pod in parallel and combine the answers (None if nobody answered)."""
+    """Scrape every running worker pod in parallel, read the exited ones' termination messages, and combine
+    the answers (None if nobody answered). Pods being deleted are skipped."""
     targets: dict[int, str] = {}
+    exited: dict[int, RankMetrics] = {}
     for pod in pods:
-        if (pod.get("status") or {}).get("phase") != "Running" or (pod.get("metadata") or {}).get(
-            "deletionTimestamp"
-        ):
+        if (pod.get("metadata") or {}).get("deletionTimestamp"):
             continue
-        url = metrics_url(pod)
         labels = (pod.get("metadata") or {}).get("labels") or {}
         try:
             index = int(labels.get(LABEL_REPLICA_INDEX, -1))
         except (TypeError, ValueError):
             continue
-        if url and index >= 0:
-            targets[index] = url
-    if not targets:
-        return None
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(targets))) as pool:
-        texts = dict(zip(targets, pool.map(lambda url: fetch(url, timeout), targets.values()), strict=True))
-    ranks = {index: parse_metrics(text) for index, text in texts.items() if text}
+        if index < 0:
+            continue
+        phase = (pod.get("status") or {}).get("phase")
+        if phase == "Running":
+            url = metrics_url(pod)
+            if url:
+                targets[index] = url
+        elif phase in ("Succeeded", "Failed"):
+            summary = termination_summary(pod)
+            if summary is not None:
+                exited[index] = summary
+    texts: dict[int, str | None] = {}
+    if targets:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(targets))) as pool:
+            texts = dict(zip(targets, pool.map(lambda url: fetch(url, timeout), targets.values()), strict=True))
+    ranks = {**exited, **{index: parse_metrics(text) for index, text in texts.items() if text}}
     return combine_ranks(ranks, total_steps=total_steps)
+
+
+def termination_summary(pod: Mapping[str, Any]) -> RankMetrics | None:
+    """The trainer container's final figures from its termination message, or None when it left none.
+
+    A crashed trainer's message is its log tail (``FallbackToLogsOnError``), which parses to no figures
+    and so counts as none.
+    """
+    for container in (pod.get("status") or {}).get("containerStatuses") or []:
+        if container.get("name") != TRAINER_CONTAINER_NAME:
+            continue
+        message = ((container.get("state") or {}).get("terminated") or {}).get("message")
+        if not message:
+            return None
+        metrics = parse_metrics(str(message))
+        return metrics if metrics.steps is not None else None
+    return None

@@ -138,8 +138,9 @@ def test_quickstart_trains_to_succeeded_and_kubectl_shows_explains_and_deletes_i
                            what="the quickstart to finish")
         assert phase == "Succeeded", cluster.diagnostics(namespace)
         status = cluster.get("jtj", name, "-n", namespace)["status"]
-        assert status["progress"]["step"] >= 1 and status["progress"]["totalSteps"] == 30, status
-        # the operator scraped each worker at podIP:9090 (no metrics-url override): progress and energy
+        # the final figures, however short the run: each worker's termination message carries them past
+        # its exit (the node agent stands in for the kubelet's file); while running, podIP:9090 is scraped
+        assert status["progress"]["step"] == status["progress"]["totalSteps"] == 30, status
         assert status["progress"]["examplesTrained"] > 0, status
         assert status["energy"]["joules"] > 0 and status["energy"]["method"] == "modelled", status
 

@@ -657,6 +657,7 @@ def run(
         check_skip_fraction(skipped, seen, max_skip)
         joules = job_joules()
         telemetry.write_progress(progress("Succeeded" if state.step >= cfg.steps else "Running", joules))
+        telemetry.write_termination_message()
     except BaseException:
         telemetry.meter.stop()
         with contextlib.suppress(Exception):

@@ -16,17 +16,24 @@ Energy series: ``jest_accelerator_energy_joules_total`` / ``jest_accelerator_pow
 ``jest_energy_consumed_joules_total`` (this rank's energy *including* what was restored from a checkpoint,
 which is what the budget alert compares against ``jest_energy_budget_joules``),
 ``jest_energy_sampling_seconds_total`` (the meter's own cost) and ``jest_energy_sampler_errors_total``.
+
+A process that has exited can no longer be scraped, so its last figures would be lost between two scrapes
+of a short job. :meth:`TrainerMetrics.final_summary` is the same exposition cut to what the operator's
+status needs (labels reduced to ``phase``, ``method`` and ``source``) and to the 4 KiB a Kubernetes
+termination message holds; the trainer writes it to ``$JEST_TERMINATION_MESSAGE_PATH`` as it exits and
+the operator parses it with the parser it uses for scrapes.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import threading
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -68,6 +75,30 @@ TRAINER_METRIC_NAMES: tuple[str, ...] = (
     "jest_checkpoint_step",
     "jest_checkpoint_timestamp_seconds",
 )
+
+#: What a termination message may hold: Kubernetes keeps at most 4096 bytes of it.
+TERMINATION_MESSAGE_LIMIT_BYTES = 4096
+
+# The samples of the final summary (exposition sample names) and the labels they keep.
+SUMMARY_SAMPLE_NAMES: frozenset[str] = frozenset({
+    "jest_train_steps_total",
+    "jest_train_examples_total",
+    "jest_selection_candidates_total",
+    "jest_step_duration_seconds_sum",
+    "jest_step_duration_seconds_count",
+    "jest_step_phase_seconds_total",
+    "jest_train_loss",
+    "jest_eval_accuracy",
+    "jest_selection_ratio",
+    "jest_energy_consumed_joules_total",
+    "jest_accelerator_power_watts",
+    "jest_energy_backend_info",
+    "jest_checkpoint_step",
+    "jest_checkpoint_timestamp_seconds",
+})
+SUMMARY_LABELS: tuple[str, ...] = ("phase", "method", "source")
+_SAMPLE_LINE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)")
+_LABEL_PAIR = re.compile(r'(?P<key>[a-zA-Z_][a-zA-Z0-9_]*)="(?P<value>(?:[^"\\]|\\.)*)"')
 
 _STATE_KEYS: tuple[str, ...] = (
     "steps",
@@ -307,6 +338,28 @@ class TrainerMetrics:
             self.registry.unregister(self._energy_collector)
         self._energy_collector = _EnergyCollector(meter, self.trainingjob, str(self.rank))
         self.registry.register(self._energy_collector)
+
+    def final_summary(self, limit_bytes: int = TERMINATION_MESSAGE_LIMIT_BYTES) -> str:
+        """The figures the operator's status reads, as Prometheus text of at most ``limit_bytes`` bytes.
+
+        Samples outside :data:`SUMMARY_SAMPLE_NAMES` and labels outside :data:`SUMMARY_LABELS` are dropped
+        (the pod already says which job and rank it is); NaN gauges (nothing observed yet) are left out.
+        Whole lines are dropped from the end should the limit still be exceeded, so the text always parses.
+        """
+        lines: list[str] = []
+        for line in generate_latest(self.registry).decode().splitlines():
+            match = _SAMPLE_LINE.match(line)
+            if match is None or match["name"] not in SUMMARY_SAMPLE_NAMES or match["value"].lower() == "nan":
+                continue
+            kept = [f'{pair["key"]}="{pair["value"]}"' for pair in _LABEL_PAIR.finditer(match["labels"] or "")
+                    if pair["key"] in SUMMARY_LABELS]
+            lines.append(f"{match['name']}{{{','.join(kept)}}} {match['value']}" if kept
+                         else f"{match['name']} {match['value']}")
+        text = "".join(f"{line}\n" for line in lines)
+        while len(text.encode()) > limit_bytes and lines:
+            lines.pop()
+            text = "".join(f"{line}\n" for line in lines)
+        return text
 
     # --- checkpoint state ------------------------------------------------------------------------------
 

@@ -31,6 +31,8 @@ log = logging.getLogger("jest_trainer.train")
 
 PHASES: tuple[str, ...] = ("data", "selection", "forward_backward", "optimizer", "checkpoint")
 STEP_TIME_SMOOTHING = 0.1
+#: Environment variable naming the pod's ``terminationMessagePath`` (unset: no termination message).
+TERMINATION_MESSAGE_PATH_ENV = "JEST_TERMINATION_MESSAGE_PATH"
 LOOP_METRIC_NAMES: tuple[str, ...] = ("jest_eval_retrieval_recall", "jest_data_samples_skipped_total")
 
 
@@ -207,6 +209,7 @@ class Telemetry:
         self.mode = progress_mode(env)
         self.metrics_port = env_int(env, "JEST_METRICS_PORT", 0)
         self.attempt = env_int(env, "JEST_ATTEMPT", 0)
+        self.termination_message_path = env.get(TERMINATION_MESSAGE_PATH_ENV, "")
         self.meter = create_meter(
             config.energy, device_kind=ctx.device.type, device_indices=[ctx.local_rank], initial_joules=restored_joules
         )
@@ -267,6 +270,22 @@ class Telemetry:
         """Atomically write rank 0's progress file (contract with the operator and ``jestctl run``)."""
         if self.ctx.is_main:
             ckpt.atomic_write_json(self.status_file, {**document, "updatedAt": now_iso()})
+
+    def write_termination_message(self) -> None:
+        """Write this rank's :meth:`TrainerMetrics.final_summary` to ``$JEST_TERMINATION_MESSAGE_PATH``.
+
+        The pod's ``terminationMessagePath``: the kubelet copies the file into the container's terminated
+        state, where the operator reads the figures of a worker that exited between two scrapes. Only local
+        rank 0 writes (it is also the rank behind the pod's ``metrics`` port). The loop calls this only on a
+        clean exit: a failing rank leaves the message to ``FallbackToLogsOnError`` (its log tail, the error
+        the job's status shows). A path that cannot be written is logged, never fatal.
+        """
+        if not self.termination_message_path or self.ctx.local_rank != 0:
+            return
+        try:
+            Path(self.termination_message_path).write_text(self.metrics.final_summary())
+        except OSError as error:
+            log.warning("cannot write the termination message to %s: %s", self.termination_message_path, error)
 
     def elapsed(self) -> float:
         """Seconds since ``start`` (at least 1 ns)."""

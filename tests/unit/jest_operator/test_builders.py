@@ -216,6 +216,11 @@ def test_restricted_security_context() -> None:
     assert volumes[mounts["/etc/jest"]]["configMap"] == {"name": "demo-config"}
     assert pod["spec"]["automountServiceAccountToken"] is False
     assert pod["spec"]["terminationGracePeriodSeconds"] >= 60
+    trainer = pod["spec"]["containers"][0]
+    env = {variable["name"]: variable.get("value") for variable in trainer["env"]}
+    # the final-figures summary goes where the kubelet reads it; a crash's log tail replaces it
+    assert env["JEST_TERMINATION_MESSAGE_PATH"] == trainer["terminationMessagePath"] == "/dev/termination-log"
+    assert trainer["terminationMessagePolicy"] == "FallbackToLogsOnError"
     text = json.dumps(pod)
     for forbidden in ("privileged", "hostPath", "hostNetwork", "hostPID", "hostIPC"):
         assert forbidden not in text

@@ -97,6 +97,7 @@ def test_localize_rewrites_addresses_ports_config_and_status(tmp_path: Path) -> 
     assert env["RANK"] == "1" and env["WORLD_SIZE"] == "2" and env["PET_NODE_RANK"] == "1"
     assert env["JEST_METRICS_PORT"] == "9401"
     assert env["JEST_STATUS_FILE"] == str(tmp_path / "progress.json")
+    assert "JEST_TERMINATION_MESSAGE_PATH" not in env  # the kubelet's file: a local run reads progress.json
     assert env["JEST_CONFIG"] == str(tmp_path / "config.json")
     written = json.loads((tmp_path / "config.json").read_text())
     assert written["training"]["checkpoint"] == {"dir": str(tmp_path / "checkpoints"), "intervalSteps": 5}

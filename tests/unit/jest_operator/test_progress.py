@@ -13,10 +13,11 @@ from jest_operator.progress import (
     parse_metrics,
     read_progress,
     scrape,
+    termination_summary,
 )
 from jest_trainer.config import EnergyConfig
 from jest_trainer.energy import create_meter
-from jest_trainer.metrics import TrainerMetrics
+from jest_trainer.metrics import TERMINATION_MESSAGE_LIMIT_BYTES, TrainerMetrics
 from prometheus_client import generate_latest
 
 PHASES = {"data": 0.01, "selection": 0.03, "forward_backward": 0.05, "optimizer": 0.01, "checkpoint": 0.0}
@@ -191,3 +192,89 @@ def test_rank0_checkpoint_reaches_the_status_with_the_trainer_file_name():
     merge_progress(status, progress, total_steps=100, carbon_intensity=None, checkpoint_dir="/checkpoints")
     assert status["checkpoint"] == {"step": 50, "path": "/checkpoints/ckpt-00000050.pt",
                                     "time": "2027-01-15T08:00:00Z"}
+
+
+def exited_pod(index: int, message: str | None, phase: str = "Succeeded") -> dict:
+    """A worker whose trainer container has terminated, leaving ``message`` (None: no message at all)."""
+    terminated: dict = {"exitCode": 0 if phase == "Succeeded" else 1}
+    if message is not None:
+        terminated["message"] = message
+    return {"metadata": {"name": f"demo-node-{index}", "labels": {"jest.training/replica-index": str(index)}},
+            "status": {"phase": phase, "containerStatuses": [{"name": "trainer", "state": {"terminated": terminated}}]}}
+
+
+def metered_trainer(rank: int, steps: int) -> TrainerMetrics:
+    """A real rank with a stopped modelled meter attached (energy > 0) and an evaluation and checkpoint seen."""
+    metrics = trainer(rank, steps)
+    meter = create_meter(EnergyConfig(modelled_watts_per_device=100.0, backend="modelled"), device_kind="cpu",
+                         device_indices=[0], initial_joules=50.0, interval_seconds=0.01)
+    meter.start()
+    time.sleep(0.03)
+    meter.stop()
+    metrics.attach_energy(meter)
+    metrics.observe_eval(0.5)
+    metrics.observe_checkpoint(steps, 1_800_000_000.0)
+    return metrics
+
+
+def test_final_summary_fits_a_termination_message_and_reads_like_the_scrape():
+    """The summary keeps every figure the status takes from a scrape, in at most 4 KiB."""
+    metrics = metered_trainer(0, 7)
+    summary = metrics.final_summary()
+    assert 0 < len(summary.encode()) <= TERMINATION_MESSAGE_LIMIT_BYTES
+    assert "trainingjob" not in summary and "jest_model_flops" not in summary and "_bucket" not in summary
+    assert combine_ranks({0: parse_metrics(summary)}, total_steps=9) == combine_ranks(
+        {0: parse_metrics(exposition(metrics))}, total_steps=9)
+
+
+def test_final_summary_drops_whole_lines_to_fit_a_smaller_limit():
+    summary = metered_trainer(0, 3).final_summary(limit_bytes=200)
+    assert 0 < len(summary.encode()) <= 200 and summary.endswith("\n")
+    assert parse_metrics(summary).steps == 3  # what is kept still parses
+
+
+def test_exited_workers_report_their_termination_message_and_running_ones_are_scraped():
+    """A rank that exited between two scrapes still counts with its final figures (steps, energy)."""
+    rank0, rank1 = metered_trainer(0, 30), metered_trainer(1, 30)
+    port0 = rank0.serve(0)
+    try:
+        pods = [running_pod(0, url=f"http://127.0.0.1:{port0}/metrics"),
+                exited_pod(1, rank1.final_summary())]
+        progress = read_progress(pods, total_steps=30)
+        assert progress is not None and progress.step == 30 and progress.examples_trained == 2 * 30 * 32
+        expected = float(parse_metrics(exposition(rank0)).consumed_joules) + float(
+            parse_metrics(exposition(rank1)).consumed_joules)
+        assert progress.energy_joules == pytest.approx(expected) and progress.energy_joules > 100.0
+        assert progress.energy_method == "modelled"
+    finally:
+        rank0.close()
+    everyone_exited = read_progress([exited_pod(0, rank0.final_summary()), exited_pod(1, rank1.final_summary())],
+                                    fetch=lambda url, timeout: pytest.fail(f"scraped {url}"))
+    assert everyone_exited is not None and everyone_exited.step == 30
+
+
+@pytest.mark.parametrize("message", [
+    None,
+    "",
+    "Traceback (most recent call last):\n  File \"train.py\", line 1\nRuntimeError: CUDA out of memory",
+    "jest_train_loss 0.4\n",  # figures without a step are no summary
+])
+def test_a_crashed_trainers_log_tail_or_no_message_is_no_summary(message):
+    pod = exited_pod(0, message, phase="Failed")
+    assert termination_summary(pod) is None
+    assert read_progress([pod]) is None
+
+
+def test_only_the_trainer_containers_message_counts():
+    summary = metered_trainer(0, 2).final_summary()
+    pod = exited_pod(0, summary)
+    pod["status"]["containerStatuses"][0]["name"] = "sidecar"
+    assert termination_summary(pod) is None
+
+
+def test_progress_reads_the_container_the_builders_name():
+    from jest_operator.builders import CONTAINER_NAME, TERMINATION_MESSAGE_PATH
+    from jest_operator.progress import TRAINER_CONTAINER_NAME
+
+    assert TRAINER_CONTAINER_NAME == CONTAINER_NAME
+    assert TERMINATION_MESSAGE_PATH == "/dev/termination-log"

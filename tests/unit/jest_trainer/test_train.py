@@ -203,6 +203,35 @@ def test_progress_file_follows_the_contract(tmp_path: Path, prepared) -> None:
 
 
 @pytest.mark.slow
+def test_a_clean_exit_leaves_the_final_figures_as_termination_message(tmp_path: Path, prepared) -> None:
+    """What the operator reads of a worker that exited between scrapes: the last step and its energy."""
+    from jest_operator.progress import combine_ranks, parse_metrics
+
+    message = tmp_path / "termination-log"
+    env = {**PLAIN, "JEST_TERMINATION_MESSAGE_PATH": str(message)}
+    train_mod.train(_config(tmp_path / "run"), env=env, ctx=SINGLE, prepared=prepared, install_signal_handlers=False)
+    final = combine_ranks({0: parse_metrics(message.read_text())}, total_steps=6)
+    progress = json.loads((tmp_path / "run" / "progress.json").read_text())
+    assert final is not None and final.step == 6 and final.examples_trained == 6 * 32
+    assert final.energy_joules == pytest.approx(progress["energy"]["joules"]) and final.energy_joules > 0
+    assert final.energy_method == "modelled" and final.checkpoint_step == 6
+
+    message.unlink()
+    polls = iter(range(10_000))
+
+    def fail_mid_run() -> bool:
+        if next(polls) >= 2:
+            raise RuntimeError("worker lost")
+        return False
+
+    with pytest.raises(RuntimeError, match="worker lost"):
+        train_mod.train(_config(tmp_path / "failing"), env=env, ctx=SINGLE, prepared=prepared,
+                        install_signal_handlers=False, stop_flag=fail_mid_run)
+    assert json.loads((tmp_path / "failing" / "progress.json").read_text())["phase"] == "Failed"
+    assert not message.exists()  # a failure leaves the message to FallbackToLogsOnError (the error)
+
+
+@pytest.mark.slow
 def test_a_corrupted_newest_checkpoint_is_skipped_on_resume(tmp_path: Path, prepared) -> None:
     _run(_config(tmp_path, steps=4), prepared)
     (tmp_path / "ckpt-00000004.pt").write_bytes(b"torn write")

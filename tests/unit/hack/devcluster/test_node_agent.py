@@ -239,10 +239,30 @@ def test_a_trainer_pod_of_the_builders_runs_from_its_pod_directory(tmp_path: Pat
     written = json.loads(plan.files[volumes / "jest-config" / "config.json"])
     assert written["training"]["checkpoint"]["dir"] == str(volumes / "checkpoints")
     assert plan.containers[0].command.argv[0].endswith("jest-trainer")
+    # the kubelet's termination file: the trainer's JEST_TERMINATION_MESSAGE_PATH names the file read back
+    assert env["JEST_TERMINATION_MESSAGE_PATH"] == str(plan.containers[0].termination_message_file)
+    assert plan.containers[0].termination_message_file == tmp_path / "pod" / "termination" / "containers-trainer"
 
     with pytest.raises(PlanError) as unresolved:  # rank 0 not on this node yet: wait, as for DNS
         plan_pod(rank1, inputs(tmp_path, config_maps={config_map["metadata"]["name"]: config_map}))
     assert unresolved.value.retry and "quickstart-node-0.quickstart.team.svc" in unresolved.value.message
+
+
+def test_termination_message_path_is_a_per_container_file_or_stays_in_its_volume(tmp_path: Path) -> None:
+    """Like the kubelet's bind mount: the path names one file per container, wherever the container says it."""
+    spec = pod(volumes=[{"name": "tmp", "emptyDir": {}}])
+    main = spec["spec"]["containers"][0]
+    main["env"] = [{"name": "WHERE", "value": "/dev/termination-log"}]
+    main["args"] = ["/dev/termination-log"]
+    spec["spec"]["containers"].append({"name": "side", "image": "x", "command": ["python3"],
+                                       "terminationMessagePath": "/tmp/done",
+                                       "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}]})
+    plan = plan_pod(spec, inputs(tmp_path))
+    first, second = plan.containers
+    assert first.termination_message_file == tmp_path / "pod" / "termination" / "containers-main"
+    assert first.command.env["WHERE"] == first.command.argv[-1] == str(first.termination_message_file)
+    assert first.termination_message_file.parent in plan.directories
+    assert second.termination_message_file == tmp_path / "pod" / "volumes" / "tmp" / "done"
 
 
 def test_rendezvous_port_is_only_remapped_beside_a_pod_address() -> None:
