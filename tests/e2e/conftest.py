@@ -133,6 +133,25 @@ def helm_values(metrics_port: int, liveness_port: int) -> dict[str, Any]:
             "livenessProbe": {"port": liveness_port, "initialDelaySeconds": 5}}
 
 
+def owner_references_admit_the_kind(cluster: UserCluster) -> bool:
+    """Whether the operator may now create a child that blocks its JESTTrainingJob's deletion.
+
+    The OwnerReferencesPermissionEnforcement admission resolves an owner's kind through a discovery cache
+    the API server refreshes on its own schedule, so for a while after ``helm install`` adds the CRD every
+    child the operator creates is refused ("cannot find RESTMapping"); the operator retries until then. The
+    tests start once the cache knows the kind (a server-side dry run as the operator), so that first
+    reconciles' retries do not land in the error rates some of them assert on.
+    """
+    owned = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "admission-probe", "namespace": "default",
+             "ownerReferences": [{"apiVersion": "jest.training/v1alpha1", "kind": "JESTTrainingJob", "name": "probe",
+                                  "uid": "00000000-0000-0000-0000-000000000000", "controller": True,
+                                  "blockOwnerDeletion": True}]}}
+    result = cluster.kubectl("create", "--dry-run=server", "-f", "-", "-o", "name",
+                             f"--as=system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SERVICE_ACCOUNT}",
+                             input_text=yaml.safe_dump(owned), check=False)
+    return result.returncode == 0
+
+
 @pytest.fixture(scope="session")
 def user_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UserCluster]:
     """Control plane + node agent + ``helm install jest charts/jest-operator -n jest-system --create-namespace``."""
@@ -154,6 +173,8 @@ def user_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UserClust
         finally:
             config.close()
         cluster = UserCluster(cp, release, metrics_port)
+        wait_until(lambda: owner_references_admit_the_kind(cluster), timeout=90, interval=1,
+                   what="the API server's admission to know the JESTTrainingJob kind")
         yield cluster
     finally:
         cp.stop()
