@@ -362,9 +362,21 @@ def command_render(args: argparse.Namespace) -> int:
 
 
 def command_validate(args: argparse.Namespace) -> int:
-    """``jestctl validate``: every JESTTrainingJob in every file; non-zero with the field named on error."""
+    """``jestctl validate``: every JESTTrainingJob in every file; non-zero with the field named on error.
+
+    Beyond the schema, each job meets the spec checks of the chart's admission policy
+    (:mod:`jest_operator.admission`): the chart's defaults, or the ``admissionPolicy`` block of the Helm
+    values file ``--admission-values`` (what the cluster's admin installed with).
+    """
+    from jest_operator.admission import AdmissionPolicy, refusals
     from jest_operator.api import world_size
 
+    try:
+        values = yaml.safe_load(Path(args.admission_values).read_text()) if args.admission_values else {}
+        policy = AdmissionPolicy.from_values(values if isinstance(values, dict) else {})
+    except (OSError, yaml.YAMLError, ValueError) as error:
+        print(f"error: --admission-values {args.admission_values}: {error}", file=sys.stderr)
+        return EXIT_USAGE
     invalid = 0
     for manifest in args.manifests:
         try:
@@ -378,6 +390,13 @@ def command_validate(args: argparse.Namespace) -> int:
                 job = parse_manifest(document, args.set or [])
             except ManifestError as error:
                 print(f"{manifest}: {error}", file=sys.stderr)
+                invalid += 1
+                continue
+            refused = refusals(job, policy)
+            for message in refused:
+                print(f"{manifest}: JESTTrainingJob {job.metadata.name!r} would be refused by the admission policy: "
+                      f"{message}", file=sys.stderr)
+            if refused:
                 invalid += 1
                 continue
             print(f"{manifest}: JESTTrainingJob {job.metadata.name!r} is valid (world size {world_size(job)})")
@@ -499,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="validate manifests as the operator would")
     validate.add_argument("manifests", nargs="+")
     validate.add_argument("--set", action="append", metavar="KEY=VALUE")
+    validate.add_argument("--admission-values", metavar="VALUES_YAML",
+                          help="Helm values whose admissionPolicy block the cluster runs (default: the chart's)")
     validate.set_defaults(handler=command_validate)
 
     crds = commands.add_parser("crds", help="write the CRD YAML generated from the API models")

@@ -236,7 +236,8 @@ def test_every_rendered_object_is_valid(chart: helm_python.Chart, configuration:
 
 @pytest.mark.parametrize("configuration", sorted(CONFIGURATIONS))
 def test_objects_are_labelled_and_namespaced(chart: helm_python.Chart, configuration: str) -> None:
-    cluster_kinds = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
+    cluster_kinds = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "ValidatingAdmissionPolicy",
+                     "ValidatingAdmissionPolicyBinding"}
     for obj in render(chart, CONFIGURATIONS[configuration]):
         labels = obj["metadata"].get("labels", {})
         assert labels.get("app.kubernetes.io/instance") == RELEASE, obj["metadata"]["name"]
@@ -976,3 +977,72 @@ def test_rendered_operator_pods_form_a_working_peering_group(
     time.sleep(2)  # a second reconciler would now be creating duplicates
     pods = api_server.get(f"/api/v1/namespaces/default/pods?labelSelector={selector}")["items"]
     assert len(pods) == manifest["spec"]["numNodes"]
+
+
+# ------------------------------------------------------------------------------------- admission policy
+
+
+def admission_objects(chart: helm_python.Chart, values: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    kinds = ("ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
+    return {obj["kind"]: obj for obj in render(chart, values) if obj["kind"] in kinds}
+
+
+def test_admission_policy_is_on_by_default_and_exempts_only_the_operator(chart: helm_python.Chart) -> None:
+    objects = admission_objects(chart)
+    policy, binding = objects["ValidatingAdmissionPolicy"], objects["ValidatingAdmissionPolicyBinding"]
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    assert "matchResources" not in binding["spec"]  # every namespace the operator serves
+    conditions = {c["name"]: c["expression"] for c in policy["spec"]["matchConditions"]}
+    account = only(render(chart), "ServiceAccount")["metadata"]["name"]
+    operator = f"system:serviceaccount:{NAMESPACE}:{account}"
+    assert conditions["not-the-operator"] == f'request.userInfo.username != "{operator}"'
+    rules = policy["spec"]["matchConstraints"]["resourceRules"]
+    assert rules == [{"apiGroups": ["jest.training"], "apiVersions": ["*"], "operations": ["CREATE", "UPDATE"],
+                      "resources": ["jesttrainingjobs"]}]  # not status: the operator's status writes never match
+    validations = policy["spec"]["validations"]
+    assert 'resource("pods")' in validations[0]["expression"] and 'check("create")' in validations[0]["expression"]
+    assert len(validations) == 3  # pods, volume types, secret env (ServiceAccounts are allowed by default)
+
+
+def test_admission_policy_binding_follows_watch_namespaces(chart: helm_python.Chart) -> None:
+    binding = admission_objects(chart, CONFIGURATIONS["namespaced"])["ValidatingAdmissionPolicyBinding"]
+    assert binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"] == [
+        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": WATCHED}]
+
+
+def test_admission_policy_checks_follow_the_admins_values(chart: helm_python.Chart) -> None:
+    from jest_operator.api import VOLUME_SOURCES
+
+    everything = {"admissionPolicy": {"allowedVolumeTypes": list(VOLUME_SOURCES), "allowSecretEnv": True,
+                                      "allowServiceAccountName": True}}
+    validations = admission_objects(chart, everything)["ValidatingAdmissionPolicy"]["spec"]["validations"]
+    assert len(validations) == 1  # the author's pods/create check is never optional
+    strict = {"admissionPolicy": {"allowedVolumeTypes": [], "allowServiceAccountName": False}}
+    validations = admission_objects(chart, strict)["ValidatingAdmissionPolicy"]["spec"]["validations"]
+    volume_check = validations[1]["expression"]
+    assert all(f"!has(v.{source})" in volume_check for source in VOLUME_SOURCES)
+    assert "(allowed: none;" in validations[1]["messageExpression"]
+    assert "serviceAccountName" in validations[2]["expression"]
+    assert admission_objects(chart, {"admissionPolicy": {"enabled": False}}) == {}
+
+
+def test_admission_policy_values_mirror_jestctls_policy_and_the_api(chart: helm_python.Chart) -> None:
+    """One list of volume sources (the API's) and one set of defaults (jestctl validate's) across the chart."""
+    from jest_operator.admission import AdmissionPolicy
+    from jest_operator.api import VOLUME_SOURCES
+
+    values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+    assert AdmissionPolicy.from_values(values) == AdmissionPolicy()
+    schema = json.loads((CHART_DIR / "values.schema.json").read_text())
+    enum = schema["properties"]["admissionPolicy"]["properties"]["allowedVolumeTypes"]["items"]["enum"]
+    assert tuple(enum) == VOLUME_SOURCES
+    helpers = (CHART_DIR / "templates" / "_helpers.tpl").read_text()
+    listed = helpers.split('define "jest-operator.volumeSources" -}}', 1)[1].split("{{- end }}", 1)[0]
+    assert tuple(json.loads(listed)) == VOLUME_SOURCES
+
+
+def test_admission_policy_values_are_checked(chart: helm_python.Chart) -> None:
+    with pytest.raises(Exception, match="allowedVolumeTypes"):
+        render(chart, {"admissionPolicy": {"allowedVolumeTypes": ["hostPath"]}})

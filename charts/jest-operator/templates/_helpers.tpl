@@ -114,3 +114,11 @@ random priority at start; the highest one works, the others stand by.
 {{- define "jest-operator.priorityWrapper" -}}
 exec jest-operator "$@" --priority="$(python3 -c 'import secrets; print(secrets.randbelow(1000000) + 1)')"
 {{- end }}
+
+{{/*
+Every volume source a JESTTrainingJob's podTemplate can express (jest_operator.api.VOLUME_SOURCES; a test
+fails on drift), as a JSON list: the admission policy refuses those outside admissionPolicy.allowedVolumeTypes.
+*/}}
+{{- define "jest-operator.volumeSources" -}}
+["persistentVolumeClaim", "emptyDir", "configMap", "secret", "csi", "ephemeral", "projected", "downwardAPI"]
+{{- end }}

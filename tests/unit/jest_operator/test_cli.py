@@ -143,6 +143,33 @@ def test_validate_names_the_bad_field(tmp_path: Path, capsys: pytest.CaptureFixt
     assert field in capsys.readouterr().err
 
 
+def test_validate_reports_what_the_admission_policy_would_refuse(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The chart's default policy, then an admin's values file that allows Secrets but no ServiceAccounts."""
+    manifest = {**MANIFEST, "spec": {**MANIFEST["spec"], "podTemplate": {
+        "serviceAccountName": "trainer",
+        "volumes": [{"name": "creds", "secret": {"secretName": "creds"}}],
+        "volumeMounts": [{"name": "creds", "mountPath": "/creds"}]}}}
+    path = write_manifest(tmp_path, manifest)
+    assert main(["validate", str(path)]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "would be refused by the admission policy: spec.podTemplate.volumes: creds (secret)" in err
+    assert "serviceAccountName" not in err
+
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"admissionPolicy": {"allowedVolumeTypes": ["secret"],
+                                                          "allowServiceAccountName": False}}))
+    assert main(["validate", str(path), "--admission-values", str(values)]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "spec.podTemplate.serviceAccountName:" in err and "volumes" not in err
+
+    values.write_text(yaml.safe_dump({"admissionPolicy": {"enabled": False}}))
+    assert main(["validate", str(path), "--admission-values", str(values)]) == EXIT_OK
+    values.write_text(yaml.safe_dump({"admissionPolicy": {"allowedVolumeTypes": ["hostPath"]}}))
+    assert main(["validate", str(path), "--admission-values", str(values)]) == EXIT_USAGE
+    assert "admissionPolicy.allowedVolumeTypes" in capsys.readouterr().err
+
+
 def test_render_prints_the_builders_children(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["render", str(write_manifest(tmp_path, MANIFEST)), "--attempt", "2"]) == EXIT_OK
     children = list(yaml.safe_load_all(capsys.readouterr().out))
