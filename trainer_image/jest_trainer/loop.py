@@ -274,13 +274,20 @@ def pair_logits(model: nn.Module, image: Tensor, text: Tensor, kind: str) -> Ten
 def score(
     plan: LoopPlan, model: nn.Module, scorer: Any, batch: Any, device: torch.device
 ) -> tuple[Tensor | None, Tensor | None]:
-    """Learner and reference logits of the super-batch, each only when the method uses it (no grad)."""
+    """Learner and reference logits of the super-batch, each only when the method uses it (no grad).
+
+    The towers run at the training precision (bf16 autocast when configured), but the logit matrices are
+    formed in float32 from float32 copies of the embeddings, whatever the precision: learnability is a
+    difference of two losses of similar size, and bf16's 8-bit mantissa would round most of it away and
+    reorder near pairs. So bf16 and fp32 runs of one model select the same examples up to near-ties.
+    """
     learner = reference = None
-    with torch.no_grad(), plan.autocast(device):
+    with torch.no_grad():
         if plan.uses_learner:
             model.eval()
-            image_emb, text_emb = model(batch.images, batch.tokens)
-            learner = pair_logits(model, image_emb, text_emb, plan.cfg.selection.loss).float()
+            with plan.autocast(device):
+                image_emb, text_emb = model(batch.images, batch.tokens)
+            learner = pair_logits(model, image_emb.float(), text_emb.float(), plan.cfg.selection.loss)
             model.train()
         if plan.uses_reference:
             reference = scorer.logits(batch, loss=plan.cfg.selection.loss).float()

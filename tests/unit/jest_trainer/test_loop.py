@@ -101,3 +101,38 @@ def test_train_state_round_trips_model_optimizer_counters_rng_and_cursor() -> No
         fresh_other = fresh()
         fresh_other.config = _cfg(seed=9)
         fresh_other.load_state_dict(document, rank=0, world_size=1, path="/ck/ckpt-00000007.pt")
+
+
+def test_bf16_runs_score_in_fp32_and_select_what_fp32_runs_select_up_to_near_ties() -> None:
+    """Same model, same super-batch, same draws: bf16 towers change the logits only by rounding, so JEST picks
+    (nearly) the same pairs, and every logit matrix handed to selection is float32."""
+    from types import SimpleNamespace
+
+    from jest_trainer.config import ModelConfig
+    from jest_trainer.models import build_model, hash_tokenize
+    from jest_trainer.reference import ReferenceScorer
+    from jest_trainer.selection import select_batch
+
+    torch.manual_seed(0)
+    learner, reference = (build_model(ModelConfig(), image_shape=(1, 8, 8)) for _ in range(2))
+    scorer = ReferenceScorer(model=reference.eval(), mode="online", input_spec=None,
+                             logit_scale=reference.logit_scale.detach(), logit_bias=reference.logit_bias.detach())
+    batch = SimpleNamespace(images=torch.rand(160, 1, 8, 8),
+                            tokens=hash_tokenize([f"digit {i % 10} sample {i}" for i in range(160)]))
+    picks, logits = {}, {}
+    for precision in ("fp32", "bf16"):
+        plan = loop.LoopPlan.of(_cfg(precision=precision, selection__method="jest"), world_size=1)
+        learner_logits, reference_logits = loop.score(plan, learner, scorer, batch, torch.device("cpu"))
+        assert learner_logits.dtype == reference_logits.dtype == torch.float32
+        logits[precision] = learner_logits
+        picks[precision] = set(select_batch("jest", learner_logits=learner_logits, reference_logits=reference_logits,
+                                            loss="sigmoid", batch_size=32, n_chunks=4,
+                                            generator=torch.Generator().manual_seed(5)).tolist())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the towers at bf16, as the loop runs them
+        image, text = learner.eval()(batch.images, batch.tokens)
+    assert image.dtype == torch.bfloat16
+    # the matrix itself is formed in float32 from those embeddings (bf16 logits would differ by up to ~0.06 here)
+    assert torch.equal(logits["bf16"], loop.pair_logits(learner, image.float(), text.float(), "sigmoid"))
+    rounding = (logits["bf16"] - logits["fp32"]).abs().max().item()
+    assert 0 < rounding < 0.05 * logits["fp32"].abs().max().item()  # bf16 towers did run, and only rounded
+    assert len(picks["fp32"] & picks["bf16"]) >= 0.9 * 32, (sorted(picks["fp32"]), sorted(picks["bf16"]))
