@@ -236,7 +236,13 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "name": "Energy(kJ)",
         "type": "number",
         "jsonPath": ".status.energy.kilojoules",
-        "description": "Energy spent so far in kJ (see status.energy.method for measured vs modelled).",
+        "description": "Energy spent so far in kJ (how it was obtained is the EnergyBy column).",
+    },
+    {
+        "name": "EnergyBy",
+        "type": "string",
+        "jsonPath": ".status.energy.method",
+        "description": "How the energy figure was obtained: measured, integrated or modelled (never shown without it).",
     },
     {
         "name": "Method",

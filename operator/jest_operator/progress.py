@@ -3,17 +3,21 @@
 The operator scrapes every worker pod's ``/metrics`` (DESIGN.md §5 names) on each reconcile and folds the
 result into :class:`jest_operator.status.TrainerProgress`:
 
-* step = max over ranks of ``jest_train_steps_total`` (steps are per rank); examples trained/scored = sum
-  over ranks of ``jest_train_examples_total`` / ``jest_selection_candidates_total`` (each rank counts its
-  own); observed selection ratio = trained / scored.
+* When rank 0 exposes the job totals (``jest_job_*``: its collective over every process of the job, so
+  right whatever ``numProcPerNode`` is), step, examples trained/scored and energy (by method) are those,
+  average power is the job's true average, and no other rank is scraped.
+* Otherwise (fallback) step = max over ranks of ``jest_train_steps_total`` (steps are per rank); examples
+  trained/scored = sum over the ranks that answered of ``jest_train_examples_total`` /
+  ``jest_selection_candidates_total``; no average power is claimed. Observed selection ratio = trained /
+  scored.
 * step seconds = rank 0's ``jest_step_duration_seconds`` sum / count; examples per second = (examples per
   step from the continuing counters) / step seconds; selection overhead = ``selection`` share of
   ``jest_step_phase_seconds_total`` over all ranks.
-* energy = sum over ranks of ``jest_energy_consumed_joules_total`` (which includes what each rank restored
-  from a checkpoint), else of the per-device ``jest_accelerator_energy_joules_total``; power = sum of
-  ``jest_accelerator_power_watts``. The job's ``method`` is the least trustworthy one any rank reports
-  (measured > integrated > modelled), so a partly modelled figure is never called measured; ``source``
-  joins the distinct sources with ``+``.
+* fallback energy = sum over ranks of ``jest_energy_consumed_joules_total`` (which includes what each rank
+  restored from a checkpoint), else of the per-device ``jest_accelerator_energy_joules_total``.
+* Either way the job's ``method`` is the least trustworthy one any rank reports (measured > integrated >
+  modelled), so a partly modelled figure is never called measured; ``source`` joins the distinct sources
+  with ``+``.
 
 A worker that has exited cannot be scraped; its last figures come from its container's termination
 message instead (:func:`termination_summary`: on a clean exit the trainer writes there the same
@@ -72,6 +76,17 @@ class RankMetrics:
     sources: set[str] = field(default_factory=set)
     checkpoint_step: float | None = None
     checkpoint_unix_time: float | None = None
+    job_steps: float | None = None
+    job_examples: float | None = None
+    job_candidates: float | None = None
+    job_joules_by_method: dict[str, float] = field(default_factory=dict)
+    job_sources: set[str] = field(default_factory=set)
+    job_average_watts: float | None = None
+
+    @property
+    def has_job_totals(self) -> bool:
+        """Whether this exposition carries rank 0's job totals (``jest_job_*``)."""
+        return self.job_steps is not None and self.job_examples is not None
 
 
 def parse_metrics(text: str) -> RankMetrics:
@@ -122,6 +137,18 @@ def parse_metrics(text: str) -> RankMetrics:
                 metrics.checkpoint_step = value
             elif name == "jest_checkpoint_timestamp_seconds":
                 metrics.checkpoint_unix_time = value
+            elif name == "jest_job_train_steps_total":
+                metrics.job_steps = value
+            elif name == "jest_job_train_examples_total":
+                metrics.job_examples = value
+            elif name == "jest_job_selection_candidates_total":
+                metrics.job_candidates = value
+            elif name == "jest_job_energy_joules_total" and labels.get("method"):
+                method = labels["method"]
+                metrics.job_joules_by_method[method] = metrics.job_joules_by_method.get(method, 0.0) + value
+                metrics.job_sources.update(x for x in labels.get("source", "").split("+") if x)
+            elif name == "jest_job_average_power_watts":
+                metrics.job_average_watts = value
     return metrics
 
 
@@ -152,9 +179,10 @@ def combine_ranks(ranks: Mapping[int, RankMetrics], *, total_steps: int | None =
         return None
     values = list(ranks.values())
     rank0 = ranks.get(0, values[0])
-    steps = _max(m.steps for m in values)
-    examples = _sum(m.examples for m in values)
-    candidates = _sum(m.candidates for m in values)
+    job = rank0 if rank0.has_job_totals else None
+    steps = job.job_steps if job is not None else _max(m.steps for m in values)
+    examples = job.job_examples if job is not None else _sum(m.examples for m in values)
+    candidates = job.job_candidates if job is not None else _sum(m.candidates for m in values)
     ratio = examples / candidates if examples is not None and candidates else rank0.selection_ratio
     step_seconds = None
     if rank0.step_seconds_sum is not None and rank0.step_seconds_count:
@@ -169,9 +197,16 @@ def combine_ranks(ranks: Mapping[int, RankMetrics], *, total_steps: int | None =
     overhead = None
     if sum(phases.values()) > 0:
         overhead = phases.get("selection", 0.0) / sum(phases.values())
-    joules = _sum(m.consumed_joules if m.consumed_joules is not None else m.device_joules for m in values)
-    method = least_trustworthy(x for m in values for x in m.methods)
-    sources = sorted({x for m in values for x in m.sources})
+    if job is not None and job.job_joules_by_method:
+        joules: float | None = sum(job.job_joules_by_method.values())
+        method = least_trustworthy(job.job_joules_by_method)
+        sources = sorted(job.job_sources)
+        average_watts = job.job_average_watts
+    else:
+        joules = _sum(m.consumed_joules if m.consumed_joules is not None else m.device_joules for m in values)
+        method = least_trustworthy(x for m in values for x in m.methods)
+        sources = sorted({x for m in values for x in m.sources})
+        average_watts = None  # the ranks' latest power readings are no average over the run
     has_energy = joules is not None and method is not None and bool(sources)
     return TrainerProgress(
         step=None if steps is None else round(steps),
@@ -185,7 +220,7 @@ def combine_ranks(ranks: Mapping[int, RankMetrics], *, total_steps: int | None =
         step_seconds=step_seconds,
         selection_overhead_fraction=overhead,
         energy_joules=joules if has_energy else None,
-        average_watts=_sum(m.power_watts for m in values) if has_energy else None,
+        average_watts=average_watts if has_energy else None,
         energy_method=method if has_energy else None,
         energy_source="+".join(sources) if has_energy else None,
         checkpoint_step=None if rank0.checkpoint_step is None else round(rank0.checkpoint_step),
@@ -268,6 +303,16 @@ def read_progress(
             summary = termination_summary(pod)
             if summary is not None:
                 exited[index] = summary
+    # rank 0's job totals cover every process of the job: one endpoint (or one message) is then enough
+    if 0 in exited and exited[0].has_job_totals:
+        return combine_ranks({0: exited[0]}, total_steps=total_steps)
+    if 0 in targets:
+        text = fetch(targets.pop(0), timeout)
+        if text:
+            rank0 = parse_metrics(text)
+            if rank0.has_job_totals:
+                return combine_ranks({0: rank0}, total_steps=total_steps)
+            exited[0] = rank0
     texts: dict[int, str | None] = {}
     if targets:
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(targets))) as pool:

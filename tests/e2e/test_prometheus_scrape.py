@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from jest_trainer.metrics import TRAINER_METRIC_NAMES
+from jest_trainer.metrics import JOB_METRIC_NAMES, TRAINER_METRIC_NAMES
 
 from tests.conftest import REPO_ROOT, find_free_port, find_free_port_pair, require_tool
 from tests.integration.test_dashboard import dashboard_queries
@@ -170,8 +170,19 @@ def test_real_prometheus_scrapes_a_two_worker_run(tmp_path: Path, process_reaper
         series_name = f"{name}_count" if name == "jest_step_duration_seconds" else name
         result = prom.query(f"last_over_time({series_name}{{{selector}}}[30s])", at)
         assert result, f"{name} was not scraped"
-        if name not in {"jest_energy_budget_joules", "jest_eval_accuracy"}:
+        if name in JOB_METRIC_NAMES:  # rank 0 alone, for the whole job, with no rank label to sum over
+            assert len(result) == 1 and "rank" not in result[0]["metric"], (name, result)
+        elif name not in {"jest_energy_budget_joules", "jest_eval_accuracy"}:
             assert {item["metric"].get("rank") for item in result} == {"0", "1"}, name
+    # the job totals are the collective of the last progress report: 64 examples (both ranks) per step, and
+    # the same modelled energy the ranks' own counters add up to at that moment (never more)
+    job_steps = values(prom.query(f"last_over_time(jest_job_train_steps_total{{{selector}}}[30s])", at))[0]
+    job_examples = values(prom.query(f"last_over_time(jest_job_train_examples_total{{{selector}}}[30s])", at))[0]
+    assert job_steps >= 10 and job_examples == 64 * job_steps, (job_steps, job_examples)
+    job_energy = prom.query(f"last_over_time(jest_job_energy_joules_total{{{selector}}}[30s])", at)
+    assert [item["metric"]["method"] for item in job_energy] == ["modelled"], job_energy
+    ranks_energy = sum(values(prom.query(f"last_over_time(jest_energy_consumed_joules_total{{{selector}}}[30s])", at)))
+    assert 0 < float(job_energy[0]["value"][1]) <= ranks_energy
     assert values(prom.query(f"last_over_time(jest_energy_budget_joules{{{selector}}}[30s])", at)) == [1e12] * 2
 
     # 2. Rates are positive on every rank.

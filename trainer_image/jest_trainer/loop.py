@@ -30,6 +30,8 @@ from jest_trainer import checkpoint as ckpt
 from jest_trainer import flops as flops_mod
 from jest_trainer.config import TrainingConfig, WorkerConfig
 from jest_trainer.distributed import DistContext, all_gather_object, all_reduce, any_rank, broadcast_object
+from jest_trainer.energy import METHODS as ENERGY_METHODS
+from jest_trainer.metrics import JobTotals
 from jest_trainer.schedule import init_seed, lr_at, selection_generator
 from jest_trainer.telemetry import PhaseTimer, StopFlag, Telemetry, nan_to_none, now_iso, unix_time
 
@@ -564,8 +566,26 @@ def run(
     skipped: dict[str, int] = {}
     max_skip = cfg.data.max_skip_fraction
 
+    meter = telemetry.meter
+    energy_sources = job_energy_sources(all_gather_object((meter.method, meter.source), ctx))
+    restored_job_joules: float | None = None
+
     def job_joules() -> float:
-        return all_reduce([telemetry.meter.total_joules()], ctx)[0]
+        """The job's energy, every rank's by method (a collective: all ranks call it at the same step).
+
+        Rank 0 also exports the job totals of this moment (:class:`~jest_trainer.metrics.JobTotals`).
+        """
+        own = [meter.total_joules() if method == meter.method else 0.0 for method in ENERGY_METHODS]
+        by_method = dict(zip(ENERGY_METHODS, all_reduce(own, ctx), strict=True))
+        joules = sum(by_method.values())
+        if ctx.is_main:
+            spent = 0.0 if restored_job_joules is None else max(0.0, joules - restored_job_joules)
+            telemetry.metrics.observe_job(JobTotals(
+                steps=state.step, examples=state.counters.examples_trained, candidates=state.counters.examples_scored,
+                joules_by_method={method: by_method[method] for method in energy_sources},
+                sources=energy_sources, average_watts=spent / telemetry.elapsed(),
+            ))
+        return joules
 
     def progress(phase: str, joules: float) -> dict[str, Any]:
         loop_seconds = sum(totals["phase"].values())
@@ -582,8 +602,11 @@ def run(
             "selectionOverheadFraction": totals["phase"]["selection"] / loop_seconds if loop_seconds > 0 else 0.0,
             "dataWaitFraction": totals["phase"]["data"] / loop_seconds if loop_seconds > 0 else 0.0,
             "samplesSkipped": skipped, "referenceMode": cfg.reference.mode,
-            "energy": {"joules": joules, "averageWatts": max(0.0, joules - restored_job_joules) / telemetry.elapsed(),
-                       "method": telemetry.meter.method, "source": telemetry.meter.source},
+            "energy": {"joules": joules,
+                       "averageWatts": max(0.0, joules - (restored_job_joules or 0.0)) / telemetry.elapsed(),
+                       # the least trustworthy method any rank uses, so a partly modelled job never reads measured
+                       "method": max(energy_sources, key=ENERGY_METHODS.index),
+                       "source": "+".join(sorted(set("+".join(energy_sources.values()).split("+"))))},
             "checkpoint": state.last_checkpoint, "resumedFromStep": state.resumed_from,
             "worldSize": ctx.world_size, "attempt": telemetry.attempt,
         }
@@ -684,6 +707,14 @@ def run(
 def _to_device(batch: Any, device: torch.device) -> Any:
     """The batch with its tensors on ``device`` (non-blocking: pinned host memory overlaps the copy)."""
     return batch if device.type == "cpu" else batch.to(device, non_blocking=True)
+
+
+def job_energy_sources(rank_meters: list[tuple[str, str]]) -> dict[str, str]:
+    """Each energy method some rank uses -> the distinct sources of those ranks, joined by ``+`` (sorted)."""
+    sources: dict[str, set[str]] = {}
+    for method, source in rank_meters:
+        sources.setdefault(method, set()).add(source)
+    return {method: "+".join(sorted(names)) for method, names in sorted(sources.items())}
 
 
 def _count(

@@ -17,6 +17,14 @@ Energy series: ``jest_accelerator_energy_joules_total`` / ``jest_accelerator_pow
 which is what the budget alert compares against ``jest_energy_budget_joules``),
 ``jest_energy_sampling_seconds_total`` (the meter's own cost) and ``jest_energy_sampler_errors_total``.
 
+Job totals: rank 0 alone also exports ``jest_job_train_steps_total``, ``jest_job_train_examples_total``,
+``jest_job_selection_candidates_total``, ``jest_job_energy_joules_total`` (one series per energy ``method``,
+labelled with the ``source`` of the ranks that use it) and ``jest_job_average_power_watts`` (this attempt's
+job energy / its wall time), all over the whole process group and refreshed at every progress report
+(:meth:`TrainerMetrics.observe_job`, fed by a collective in the loop). Separate names, not a label on the
+per-rank families, so no ``sum()`` over ranks ever counts them twice; one scrape of rank 0 gives the job
+whatever ``numProcPerNode`` is (the operator reads these, and the per-rank families only as a fallback).
+
 A process that has exited can no longer be scraped, so its last figures would be lost between two scrapes
 of a short job. :meth:`TrainerMetrics.final_summary` is the same exposition cut to what the operator's
 status needs (labels reduced to ``phase``, ``method`` and ``source``) and to the 4 KiB a Kubernetes
@@ -31,6 +39,7 @@ import os
 import re
 import threading
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
@@ -51,6 +60,15 @@ FLOP_KINDS: tuple[str, ...] = ("train", "selection_learner", "selection_referenc
 # Step times from tens of milliseconds (tiny CPU demo) to minutes (large models on slow links).
 STEP_SECONDS_BUCKETS: tuple[float, ...] = (
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 150.0, float("inf"),
+)
+
+# Rank 0's job totals (see the module docstring).
+JOB_METRIC_NAMES: tuple[str, ...] = (
+    "jest_job_train_steps_total",
+    "jest_job_train_examples_total",
+    "jest_job_selection_candidates_total",
+    "jest_job_energy_joules_total",
+    "jest_job_average_power_watts",
 )
 
 # Every metric family this module exports (exposition names, without histogram/counter suffixes other
@@ -74,6 +92,7 @@ TRAINER_METRIC_NAMES: tuple[str, ...] = (
     "jest_energy_budget_joules",
     "jest_checkpoint_step",
     "jest_checkpoint_timestamp_seconds",
+    *JOB_METRIC_NAMES,
 )
 
 #: What a termination message may hold: Kubernetes keeps at most 4096 bytes of it.
@@ -95,6 +114,7 @@ SUMMARY_SAMPLE_NAMES: frozenset[str] = frozenset({
     "jest_energy_backend_info",
     "jest_checkpoint_step",
     "jest_checkpoint_timestamp_seconds",
+    *JOB_METRIC_NAMES,
 })
 SUMMARY_LABELS: tuple[str, ...] = ("phase", "method", "source")
 _SAMPLE_LINE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)")
@@ -184,6 +204,58 @@ class _EnergyCollector(Collector):
             yield budget
 
 
+@dataclass(frozen=True)
+class JobTotals:
+    """The whole job's figures at one progress report (every rank's share summed by a collective).
+
+    ``joules_by_method`` maps each energy method some rank uses to those ranks' energy (restored
+    checkpoint energy included); ``sources`` maps the same methods to their ranks' sources joined by ``+``.
+    """
+
+    steps: int
+    examples: float
+    candidates: float
+    joules_by_method: Mapping[str, float]
+    sources: Mapping[str, str]
+    average_watts: float
+
+
+class _JobCollector(Collector):
+    """Rank 0's job totals (nothing until the first :meth:`TrainerMetrics.observe_job`)."""
+
+    def __init__(self, trainingjob: str) -> None:
+        self.trainingjob = trainingjob
+        self.totals: JobTotals | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        totals = self.totals
+        if totals is None:
+            return
+        job = [self.trainingjob]
+        for name, help_text, value in (
+            ("jest_job_train_steps", "Optimizer steps of the job.", totals.steps),
+            ("jest_job_train_examples", "Examples the whole job trained on.", totals.examples),
+            ("jest_job_selection_candidates", "Super-batch examples the whole job scored.", totals.candidates),
+        ):
+            family = CounterMetricFamily(name, help_text, labels=["trainingjob"])
+            family.add_metric(job, float(value))
+            yield family
+        energy = CounterMetricFamily(
+            "jest_job_energy_joules", "Energy of the whole job by method (measured|integrated|modelled), "
+            "checkpoint-restored energy included.", labels=["trainingjob", "method", "source"], unit="joules",
+        )
+        for method, joules in sorted(totals.joules_by_method.items()):
+            energy.add_metric([*job, method, totals.sources.get(method, "")], float(joules))
+        yield energy
+        power = GaugeMetricFamily("jest_job_average_power_watts",
+                                  "This attempt's job energy divided by its wall time.", labels=["trainingjob"])
+        power.add_metric(job, float(totals.average_watts))
+        yield power
+
+
 class TrainerMetrics:
     """The Prometheus metrics of one trainer rank, in a private registry (contract C3).
 
@@ -204,6 +276,8 @@ class TrainerMetrics:
         self._server: WSGIServer | None = None
         self._server_thread: threading.Thread | None = None
         self._observed = False
+        self._job = _JobCollector(trainingjob)
+        self.registry.register(self._job)
 
         names = ["trainingjob", "rank"]
         reg = self.registry
@@ -324,6 +398,10 @@ class TrainerMetrics:
         if not 0.0 <= accuracy <= 1.0:
             raise ValueError(f"accuracy must be in [0, 1], got {accuracy}")
         self._accuracy.labels(**self._labels).set(accuracy)
+
+    def observe_job(self, totals: JobTotals) -> None:
+        """Export the job's totals (rank 0 calls this at each progress report; other ranks never do)."""
+        self._job.totals = totals
 
     def observe_checkpoint(self, step: int, unix_time: float) -> None:
         """Record the newest complete checkpoint, so the operator can put it in ``status.checkpoint``."""

@@ -104,7 +104,7 @@ def test_quickstart_with_kubectl_runs_to_success(ns: RealCluster, operator: Oper
     status = wait_phase(ns, name, "Running")
     assert status["nodes"] == "2/2"
     table = ns.kubectl("get", "jtj", name).stdout.splitlines()  # columns as served by the API server
-    assert table[0].split()[:6] == ["NAME", "PHASE", "NODES", "STEP", "SEL", "ENERGY(KJ)"]
+    assert table[0].split()[:7] == ["NAME", "PHASE", "NODES", "STEP", "SEL", "ENERGY(KJ)", "ENERGYBY"]
     assert table[1].split()[:3] == [name, "Running", "2/2"]
 
     ns.set_pod_phase(pods[1]["metadata"]["name"], "Succeeded")

@@ -64,7 +64,7 @@ def test_names_scope_subresource_and_printer_columns() -> None:
     assert (version["name"], version["served"], version["storage"]) == ("v1alpha1", True, True)
     assert version["subresources"] == {"status": {}}
     columns = {column["name"]: column for column in version["additionalPrinterColumns"]}
-    assert list(columns)[:5] == ["Phase", "Nodes", "Step", "Sel", "Energy(kJ)"]
+    assert list(columns)[:6] == ["Phase", "Nodes", "Step", "Sel", "Energy(kJ)", "EnergyBy"]
     assert columns["Age"]["type"] == "date"
     schema = crd.openapi_schema(built)
     for column in columns.values():

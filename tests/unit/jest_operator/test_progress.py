@@ -17,7 +17,7 @@ from jest_operator.progress import (
 )
 from jest_trainer.config import EnergyConfig
 from jest_trainer.energy import create_meter
-from jest_trainer.metrics import TERMINATION_MESSAGE_LIMIT_BYTES, TrainerMetrics
+from jest_trainer.metrics import TERMINATION_MESSAGE_LIMIT_BYTES, JobTotals, TrainerMetrics
 from prometheus_client import generate_latest
 
 PHASES = {"data": 0.01, "selection": 0.03, "forward_backward": 0.05, "optimizer": 0.01, "checkpoint": 0.0}
@@ -111,7 +111,7 @@ def test_a_partly_modelled_job_is_never_called_measured():
     progress = combine_ranks({0: parse_metrics(MIXED), 1: parse_metrics(MODELLED)})
     assert progress is not None
     assert progress.energy_joules == 500.0
-    assert progress.average_watts == 550.0
+    assert progress.average_watts is None  # latest power readings are no average over the run
     assert progress.energy_method == "modelled"
     assert progress.energy_source == "config:modelledWattsPerDevice+nvml"
 
@@ -278,3 +278,51 @@ def test_progress_reads_the_container_the_builders_name():
 
     assert TRAINER_CONTAINER_NAME == CONTAINER_NAME
     assert TERMINATION_MESSAGE_PATH == "/dev/termination-log"
+
+
+def job_totals(steps: int = 30, **changes: object) -> JobTotals:
+    """What rank 0 of a 2-pod x 2-process job (world size 4) reports after ``steps`` steps of 32 x 4 examples."""
+    values: dict = {"steps": steps, "examples": steps * 128.0, "candidates": steps * 640.0,
+                    "joules_by_method": {"measured": 900.0, "modelled": 300.0},
+                    "sources": {"measured": "nvml", "modelled": "config:modelledWattsPerDevice"}, "average_watts": 40.0}
+    values.update(changes)
+    return JobTotals(**values)
+
+
+def test_rank0s_job_totals_are_the_jobs_figures_whatever_the_processes_per_pod():
+    """Local rank 1 of each pod is never scraped (port metrics-1): the job totals still count its examples."""
+    rank0 = trainer(0, 30)
+    rank0.observe_job(job_totals())
+    progress = combine_ranks({0: parse_metrics(exposition(rank0))}, total_steps=30)
+    assert progress is not None
+    assert (progress.step, progress.examples_trained, progress.examples_scored) == (30, 30 * 128, 30 * 640)
+    assert progress.energy_joules == 1200.0 and progress.energy_method == "modelled"  # partly modelled: modelled
+    assert progress.energy_source == "config:modelledWattsPerDevice+nvml"
+    assert progress.average_watts == 40.0
+    assert progress.examples_per_second == pytest.approx(128 / 0.1)  # the job's examples per step / step time
+    summary = combine_ranks({0: parse_metrics(rank0.final_summary())}, total_steps=30)
+    assert summary == progress  # the termination message carries the same totals
+
+
+def test_only_rank0_is_scraped_when_it_has_job_totals_and_every_rank_otherwise():
+    rank0 = trainer(0, 10)
+    rank0.observe_job(job_totals(10))
+    texts = {"http://r0/metrics": exposition(rank0), "http://r1/metrics": exposition(trainer(1, 10))}
+    fetched: list[str] = []
+
+    def fetch(url: str, timeout: float) -> str:
+        fetched.append(url)
+        return texts[url]
+
+    pods = [running_pod(0, url="http://r0/metrics"), running_pod(1, url="http://r1/metrics")]
+    progress = read_progress(pods, fetch=fetch)
+    assert fetched == ["http://r0/metrics"] and progress.examples_trained == 10 * 128
+    fetched.clear()
+    texts["http://r0/metrics"] = exposition(trainer(0, 10))  # an exposition without totals: every rank is read
+    progress = read_progress(pods, fetch=fetch)
+    assert sorted(fetched) == ["http://r0/metrics", "http://r1/metrics"] and progress.examples_trained == 640
+    fetched.clear()
+    finished = trainer(0, 10)
+    finished.observe_job(job_totals(10))
+    progress = read_progress([exited_pod(0, finished.final_summary()), pods[1]], fetch=fetch)
+    assert fetched == [] and progress.step == 10 and progress.examples_trained == 10 * 128

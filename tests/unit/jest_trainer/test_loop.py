@@ -136,3 +136,9 @@ def test_bf16_runs_score_in_fp32_and_select_what_fp32_runs_select_up_to_near_tie
     rounding = (logits["bf16"] - logits["fp32"]).abs().max().item()
     assert 0 < rounding < 0.05 * logits["fp32"].abs().max().item()  # bf16 towers did run, and only rounded
     assert len(picks["fp32"] & picks["bf16"]) >= 0.9 * 32, (sorted(picks["fp32"]), sorted(picks["bf16"]))
+
+
+def test_job_energy_sources_group_the_ranks_sources_by_method() -> None:
+    ranks = [("measured", "nvml"), ("measured", "nvml"), ("modelled", "config:modelledWattsPerDevice"),
+             ("measured", "rapl")]
+    assert loop.job_energy_sources(ranks) == {"measured": "nvml+rapl", "modelled": "config:modelledWattsPerDevice"}

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from jest_trainer.config import EnergyConfig
 from jest_trainer.energy import create_meter
-from jest_trainer.metrics import FLOP_KINDS, PHASES, TRAINER_METRIC_NAMES, TrainerMetrics
+from jest_trainer.metrics import FLOP_KINDS, JOB_METRIC_NAMES, PHASES, TRAINER_METRIC_NAMES, JobTotals, TrainerMetrics
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -65,6 +65,9 @@ def test_every_design_metric_is_exported_with_trainingjob_and_rank(metrics: Trai
     step(metrics)
     metrics.observe_eval(0.5)
     metrics.observe_checkpoint(1, 1_800_000_000.0)
+    assert not {name for name, _ in samples(metrics)} & set(JOB_METRIC_NAMES)  # job totals only once observed
+    metrics.observe_job(JobTotals(steps=1, examples=64.0, candidates=320.0, joules_by_method={"modelled": 5.0},
+                                  sources={"modelled": "config:modelledWattsPerDevice"}, average_watts=2.5))
     exposed = samples(metrics)
     names = {name for name, _ in exposed}
     for name in DESIGN_NAMES | set(TRAINER_METRIC_NAMES):
@@ -74,8 +77,12 @@ def test_every_design_metric_is_exported_with_trainingjob_and_rank(metrics: Trai
         label_names = dict(labels)
         assert "job" not in label_names, name
         assert label_names["trainingjob"] == "demo", name
-        if name != "jest_energy_budget_joules":
+        if name in JOB_METRIC_NAMES:
+            assert "rank" not in label_names, name  # the whole job: nothing to sum over ranks
+        elif name != "jest_energy_budget_joules":
             assert label_names["rank"] == "1", name
+    energy_labels = (("method", "modelled"), ("source", "config:modelledWattsPerDevice"), ("trainingjob", "demo"))
+    assert exposed[("jest_job_energy_joules_total", energy_labels)] == 5.0
 
 
 def test_observe_step_counts_this_ranks_share(metrics: TrainerMetrics) -> None:

@@ -215,6 +215,8 @@ def test_a_clean_exit_leaves_the_final_figures_as_termination_message(tmp_path: 
     assert final is not None and final.step == 6 and final.examples_trained == 6 * 32
     assert final.energy_joules == pytest.approx(progress["energy"]["joules"]) and final.energy_joules > 0
     assert final.energy_method == "modelled" and final.checkpoint_step == 6
+    assert "jest_job_train_examples_total" in message.read_text()  # rank 0's job totals, read in preference
+    assert final.average_watts == pytest.approx(progress["energy"]["averageWatts"], rel=0.05)
 
     message.unlink()
     polls = iter(range(10_000))
