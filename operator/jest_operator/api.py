@@ -176,6 +176,7 @@ class ConditionReason(StrEnum):
     RESUMED = "Resumed"
     SUCCEEDED = "Succeeded"
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+    NON_RETRYABLE_ERROR = "NonRetryableError"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
     ENERGY_BUDGET_NEARLY_SPENT = "EnergyBudgetNearlySpent"
     ENERGY_BUDGET_EXCEEDED = "EnergyBudgetExceeded"

@@ -28,6 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from jest_trainer.exit_codes import NON_RETRYABLE_EXIT_CODES
+
+from jest_operator.api import ConditionReason
+
 LOOPBACK = "127.0.0.1"
 CONFIG_FILE_NAME = "config.json"
 PROGRESS_FILE_NAME = "progress.json"
@@ -506,14 +510,16 @@ class WorkerFailure:
 def blame(failed: Mapping[int, tuple[int | None, tuple[str, ...]]]) -> WorkerFailure:
     """Pick the root cause among workers that ended badly in the same poll.
 
-    A worker killed by a signal (OOM killer, ``kill -9``) is the likely cause and its peers' collective
+    A worker that exited with a non-retryable code (:mod:`jest_trainer.exit_codes`) said what is wrong; else
+    a worker killed by a signal (OOM killer, ``kill -9``) is the likely cause and its peers' collective
     errors the consequence; otherwise a worker with an error message beats a silent one; ties go to the
     lowest rank. Pure, so the choice is unit-tested.
     """
 
-    def key(rank: int) -> tuple[int, int, int]:
+    def key(rank: int) -> tuple[int, int, int, int]:
         code, tail = failed[rank]
-        return (0 if code is not None and code < 0 else 1, 0 if any(line.strip() for line in tail) else 1, rank)
+        return (0 if code in NON_RETRYABLE_EXIT_CODES else 1, 0 if code is not None and code < 0 else 1,
+                0 if any(line.strip() for line in tail) else 1, rank)
 
     chosen = min(failed, key=key)
     code, tail = failed[chosen]
@@ -686,6 +692,10 @@ class GangRunner:
                 return result("Failed", f"DeadlineExceeded: the job ran longer than activeDeadlineSeconds "
                                         f"({self.active_deadline_seconds:g})")
             assert failure is not None
+            if failure.exit_code in NON_RETRYABLE_EXIT_CODES:
+                return result("Failed", f"{ConditionReason.NON_RETRYABLE_ERROR.value}: {failure.message()} "
+                                        f"(exit code {failure.exit_code}: the same inputs fail again; not retried)",
+                              failure)
             if restarts >= self.backoff_limit:
                 return result("Failed", f"BackoffLimitExceeded: {restarts} gang restarts "
                                         f"(backoffLimit {self.backoff_limit}); last error: {failure.message()}",

@@ -47,13 +47,12 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from jest_operator.status import LABEL_REPLICA_INDEX, TrainerProgress
+from jest_operator.status import LABEL_REPLICA_INDEX, TRAINER_CONTAINER_NAME, TrainerProgress
 
 METRICS_URL_ANNOTATION = "jest.training/metrics-url"
 METRICS_PORT_NAME = "metrics"
 DEFAULT_METRICS_PORT = 9090
 METHOD_TRUST_ORDER: tuple[str, ...] = ("measured", "integrated", "modelled")
-TRAINER_CONTAINER_NAME = "trainer"
 
 
 @dataclass

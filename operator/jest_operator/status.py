@@ -25,7 +25,9 @@ The state machine (DESIGN.md §3, §6):
   so ``activeDeadlineSeconds`` counts active time only. Resuming recreates the pods, which resume from the
   newest checkpoint.
 * **Succeeded** -- rank 0 succeeded and no pod of the attempt failed or was disrupted.
-* **Failed** -- backoff exhausted (``BackoffLimitExceeded``, with the failed pod's reason and message),
+* **Failed** -- a worker exited with a non-retryable code (``NonRetryableError``: an invalid config or a
+  deterministic error, see :mod:`jest_trainer.exit_codes`; failed at once, backoff untouched), backoff
+  exhausted (``BackoffLimitExceeded``, with the failed pod's reason and message),
   ``activeDeadlineSeconds`` passed (``DeadlineExceeded``), energy budget spent with ``onBudgetExceeded:
   Fail`` (``EnergyBudgetExceeded``) or a spec the schema could not reject (``InvalidSpec``, see
   :func:`invalid_spec_plan`; fixing the spec leaves this state).
@@ -59,6 +61,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from jest_trainer.exit_codes import NON_RETRYABLE_EXIT_CODES
+
 from jest_operator.api import ANNOTATION_SPEC_HASH, API_VERSION, KIND, ConditionReason, ConditionType, Phase
 
 # The vocabulary lives in the API module (one source of truth); these plain-string aliases keep the state
@@ -87,6 +91,9 @@ REASON_SUSPENDED = ConditionReason.SUSPENDED.value
 REASON_RESUMED = ConditionReason.RESUMED.value
 REASON_SUCCEEDED = ConditionReason.SUCCEEDED.value
 REASON_BACKOFF_LIMIT_EXCEEDED = ConditionReason.BACKOFF_LIMIT_EXCEEDED.value
+REASON_NON_RETRYABLE_ERROR = ConditionReason.NON_RETRYABLE_ERROR.value
+#: The worker pods' trainer container (jest_operator.builders.CONTAINER_NAME; a test keeps them equal).
+TRAINER_CONTAINER_NAME = "trainer"
 REASON_DEADLINE_EXCEEDED = ConditionReason.DEADLINE_EXCEEDED.value
 REASON_ENERGY_BUDGET_NEARLY_SPENT = ConditionReason.ENERGY_BUDGET_NEARLY_SPENT.value
 REASON_ENERGY_BUDGET_EXCEEDED = ConditionReason.ENERGY_BUDGET_EXCEEDED.value
@@ -137,6 +144,7 @@ class ObservedPod:
     message: str = ""
     owners: tuple[tuple[str, str], ...] = ()
     disruption: str | None = None
+    exit_code: int | None = None
 
 
 def job_owners(metadata: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
@@ -285,13 +293,18 @@ def observe_pod(pod: Mapping[str, Any]) -> ObservedPod:
                 DISRUPTION_CONDITION)
     if disruption is None and reason in DISRUPTION_REASONS:
         disruption = ": ".join(x for x in (reason, message) if x)
-    if not reason and not message:
-        for container in status.get("containerStatuses") or []:
-            terminated = (container.get("state") or {}).get("terminated") or {}
-            if terminated:
-                reason = str(terminated.get("reason") or f"ExitCode{terminated.get('exitCode', '?')}")
-                message = str(terminated.get("message") or "")
-                break
+    exit_code: int | None = None
+    explained = bool(reason or message)
+    for container in status.get("containerStatuses") or []:
+        terminated = (container.get("state") or {}).get("terminated") or {}
+        if not terminated:
+            continue
+        if not explained:
+            reason = str(terminated.get("reason") or f"ExitCode{terminated.get('exitCode', '?')}")
+            message = str(terminated.get("message") or "")
+            explained = True
+        if container.get("name") == TRAINER_CONTAINER_NAME and isinstance(terminated.get("exitCode"), int):
+            exit_code = int(terminated["exitCode"])
     return ObservedPod(
         name=str(metadata.get("name", "")),
         index=index,
@@ -303,6 +316,7 @@ def observe_pod(pod: Mapping[str, Any]) -> ObservedPod:
         message=message,
         owners=job_owners(metadata),
         disruption=disruption,
+        exit_code=exit_code,
     )
 
 
@@ -593,11 +607,17 @@ def plan(
 
     present = {p.index for p in current}
     missing = [i for i in range(facts.num_nodes) if i not in present]
-    culprit: ObservedPod | None = failed[0] if failed else None
+    non_retryable = [p for p in failed if p.exit_code in NON_RETRYABLE_EXIT_CODES]
+    culprit: ObservedPod | None = (non_retryable or failed or [None])[0]
     failure_reason, failure_message = REASON_POD_FAILED, ""
     if culprit is not None:
         detail = ": ".join(x for x in (culprit.reason, culprit.message) if x) or "no reason given"
         failure_message = f"pod {culprit.name} (rank {culprit.index}) failed: {detail}"
+    if non_retryable and culprit is not None:
+        message = (f"{failure_message} (exit code {culprit.exit_code}: an error the same inputs raise again; not "
+                   "retried)")
+        draft.delete_pods(stale)
+        return _finish(draft, facts, pods, PHASE_FAILED, REASON_NON_RETRYABLE_ERROR, message)
     elif phase == PHASE_RUNNING and missing:
         failure_reason = REASON_POD_MISSING
         failure_message = f"pod {facts.name}-node-{missing[0]} (rank {missing[0]}) disappeared while the gang ran"

@@ -239,18 +239,19 @@ def test_killed_worker_restarts_the_gang_from_the_last_checkpoint(tmp_path: Path
     assert time.monotonic() - killed_at > summary["restart_to_resume_seconds"][0]
 
 
-def test_exceeding_backoff_limit_fails_with_the_worker_error(tmp_path: Path) -> None:
+def test_a_deterministic_worker_error_fails_the_job_at_once_with_the_error(tmp_path: Path) -> None:
+    """A shard that does not exist will not exist on a retry either: exit 3, no gang restart spent on it."""
     missing = tmp_path / "no-such-data" / "pool-000000.tar"
-    with jestctl(tmp_path, tmp_path / "work", "spec.runPolicy.backoffLimit=1",
+    with jestctl(tmp_path, tmp_path / "work", "spec.runPolicy.backoffLimit=2",
                  "spec.training.data.source=webdataset", f"spec.training.data.urls={missing}",
                  f"spec.training.data.evalUrls={missing}") as (process, summary):
         output = finish(process)
     assert process.returncode == 1, output
     result = json.loads(summary.read_text())
-    assert (result["phase"], result["restarts"]) == ("Failed", 1)
-    assert "BackoffLimitExceeded" in result["message"]
+    assert (result["phase"], result["restarts"]) == ("Failed", 0)
+    assert result["message"].startswith("NonRetryableError: worker rank"), result["message"]
+    assert "exit code 3" in result["message"] and "not retried" in result["message"]
     assert str(missing) in result["message"] and "does not exist" in result["message"]
-    assert "worker rank" in result["message"]
 
 
 def test_torchrun_pod_runs_its_processes_as_one_local_node(tmp_path: Path) -> None:

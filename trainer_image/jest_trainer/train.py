@@ -34,6 +34,7 @@ from jest_trainer.distributed import (
     init_distributed,
     shutdown,
 )
+from jest_trainer.exit_codes import EXIT_DETERMINISTIC, EXIT_INVALID_CONFIG, exit_code_for
 from jest_trainer.loop import Prepared, prepare, run
 from jest_trainer.reference import ReferenceTrainingInterruptedError
 from jest_trainer.schedule import lr_at, selection_generator, shard_indices, super_batch_positions
@@ -120,7 +121,7 @@ def _stop_note(summary: Mapping[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``jest-trainer [--config PATH]`` (default ``$JEST_CONFIG``); exit 0 on success or after SIGTERM."""
+    """CLI: ``jest-trainer [--config PATH]`` (default ``$JEST_CONFIG``); exit codes: :mod:`jest_trainer.exit_codes`."""
     parser = argparse.ArgumentParser(prog="jest-trainer", description="JEST contrastive training worker")
     parser.add_argument(
         "--config", default=os.environ.get("JEST_CONFIG"), help="WorkerConfig JSON (default $JEST_CONFIG)"
@@ -132,21 +133,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.config:
         print("jest-trainer: no config: pass --config PATH or set JEST_CONFIG", file=sys.stderr)
-        return 2
+        return EXIT_INVALID_CONFIG
     try:
         config = WorkerConfig.model_validate_json(Path(args.config).read_text())
     except FileNotFoundError:
         print(f"jest-trainer: config file {args.config} does not exist", file=sys.stderr)
-        return 2
+        return EXIT_INVALID_CONFIG
     except ValueError as error:
         print(f"jest-trainer: invalid config {args.config}: {error}", file=sys.stderr)
-        return 2
+        return EXIT_INVALID_CONFIG
     try:
         summary = train(config)
     except Exception as error:
         log.exception("training failed")
-        print(f"jest-trainer: error: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
+        code = exit_code_for(error)
+        kind = "deterministic, not worth a retry" if code == EXIT_DETERMINISTIC else "a restart may cure it"
+        # the last line is what a pod's termination message (log tail) and the job's status end with
+        print(f"jest-trainer: error ({kind}; exit code {code}): {type(error).__name__}: {error}", file=sys.stderr)
+        return code
     log.info(
         "done: %d/%d steps, final accuracy %s%s",
         summary["completed_steps"],

@@ -280,12 +280,14 @@ def test_describe_exit() -> None:
     assert describe_exit(None) == "still running"
 
 
-def test_blame_prefers_a_killed_worker_then_one_with_an_error() -> None:
+def test_blame_prefers_a_non_retryable_exit_then_a_killed_worker_then_one_with_an_error() -> None:
     failed = {0: (1, ("RuntimeError: Connection closed by peer",)), 1: (-9, ())}
     failure = blame(failed)
     assert failure.rank == 1 and failure.other_failed == ((0, 1),)
     assert blame({0: (1, ()), 1: (1, ("ValueError: bad data",))}).rank == 1
-    assert blame({0: (1, ("x",)), 1: (2, ("y",))}).rank == 0
+    assert blame({0: (1, ("x",)), 1: (1, ("y",))}).rank == 0
+    # the worker that said "this cannot work" (exit 3) is the cause; its peers only lost their collective
+    assert blame({0: (1, ("peer closed",)), 1: (3, ("ValueError: training.selection",)), 2: (-9, ())}).rank == 1
 
 
 def test_failure_message_names_rank_exit_and_last_lines() -> None:
@@ -328,8 +330,11 @@ if behaviour == "fail-first" and attempt == 0 and rank == 1:
     print("boom on attempt 0", file=sys.stderr, flush=True)
     sys.exit(7)
 if behaviour == "always-fail" and rank == 1:
-    print(f"data path does not exist (attempt {attempt})", file=sys.stderr, flush=True)
-    sys.exit(2)
+    print(f"lost the data mount (attempt {attempt})", file=sys.stderr, flush=True)
+    sys.exit(1)
+if behaviour == "deterministic" and rank == 1:
+    print("ValueError: training.selection.batchSize: 36 does not split over 2 ranks", file=sys.stderr, flush=True)
+    sys.exit(3)
 if behaviour == "stop-early":
     sys.exit(0)
 if behaviour == "wait":
@@ -385,7 +390,15 @@ def test_gang_fails_after_backoff_limit_with_the_last_worker_error(tmp_path: Pat
     assert (result.phase, result.restarts, result.attempts) == ("Failed", 1, 2)
     assert result.failure is not None and result.failure.rank == 1
     assert "BackoffLimitExceeded" in result.message
-    assert "data path does not exist (attempt 1)" in result.message
+    assert "lost the data mount (attempt 1)" in result.message
+
+
+def test_gang_fails_at_once_on_a_non_retryable_exit(tmp_path: Path) -> None:
+    """Exit code 3 (jest_trainer.exit_codes): the same inputs fail again, so no backoff is spent on it."""
+    result = gang(tmp_path, "deterministic", backoff_limit=3).run()
+    assert (result.phase, result.restarts, result.attempts) == ("Failed", 0, 1)
+    assert result.message.startswith("NonRetryableError: worker rank 1 failed with exit code 3")
+    assert "batchSize: 36 does not split" in result.message and "not retried" in result.message
 
 
 def test_gang_stop_forwards_sigterm_and_suspends(tmp_path: Path) -> None:

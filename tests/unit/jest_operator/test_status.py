@@ -250,6 +250,34 @@ def test_backoff_limit_zero_fails_on_the_first_failure():
     assert result.status["phase"] == "Failed"
 
 
+def exited(index: int, code: int, message: str, *, container: str = "trainer") -> dict:
+    """A failed worker whose trainer container exited with ``code`` (kubelet form; the log tail as message)."""
+    manifest = pod(index, "Failed")
+    manifest["status"]["containerStatuses"] = [
+        {"name": container, "state": {"terminated": {"exitCode": code, "reason": "Error", "message": message}}}]
+    return manifest
+
+
+@pytest.mark.parametrize("code", [2, 3])
+def test_a_non_retryable_exit_fails_the_job_at_once_with_the_workers_error(code: int):
+    """Exit codes 2/3 (jest_trainer.exit_codes): a restart would fail the same way; no backoff is spent."""
+    error = "jest-trainer: error (deterministic): ValueError: training.selection.batchSize: 36 does not split"
+    result = run(running_status(), [exited(0, 1, "peer closed the connection"), exited(1, code, error)])
+    assert result.status["phase"] == "Failed" and result.status.get("restarts", 0) == 0
+    failed = cond(result.status, "Failed")
+    assert failed["reason"] == "NonRetryableError"
+    assert failed["message"].startswith("pod demo-node-1 (rank 1) failed: Error: " + error)
+    assert f"(exit code {code}: an error the same inputs raise again; not retried)" in failed["message"]
+    assert result.restarted is False
+
+
+def test_retryable_exits_and_other_containers_codes_still_restart_the_gang():
+    result = run(running_status(), [pod(0, "Running"), exited(1, 1, "lost the data mount")])
+    assert result.status["phase"] == "Restarting"
+    sidecar = run(running_status(), [pod(0, "Running"), exited(1, 3, "sidecar says 3", container="proxy")])
+    assert sidecar.status["phase"] == "Restarting"  # only the trainer's code carries the contract
+
+
 def test_pod_vanishing_while_running_is_a_gang_failure():
     result = run(running_status(), [pod(0, "Running")])
     assert result.status["phase"] == "Restarting"
