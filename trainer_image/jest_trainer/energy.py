@@ -4,8 +4,9 @@ Every figure this module produces carries a ``method`` and a ``source`` so that 
 for a measurement (DESIGN.md §5):
 
 * ``measured``  — a hardware energy counter: NVML ``nvmlDeviceGetTotalEnergyConsumption`` (mJ, source
-  ``nvml``) or RAPL ``/sys/class/powercap/intel-rapl:*/energy_uj`` (µJ, source ``rapl``; node/socket scope,
-  wraps at ``max_energy_range_uj``).
+  ``nvml``) or RAPL ``/sys/class/powercap/intel-rapl:*/energy_uj`` (µJ, source ``rapl:node``; the whole
+  node's CPU packages, other pods' work included, so its series carry ``scope="node"``; wraps at
+  ``max_energy_range_uj``). Every other channel is ``scope="device"``: one physical device of this worker.
 * ``integrated`` — NVML ``nvmlDeviceGetPowerUsage`` (mW) sampled and integrated over time (trapezoid),
   used per GPU where the energy counter answers NOT_SUPPORTED (pre-Volta boards).
 * ``modelled`` — ``EnergyConfig.modelledWattsPerDevice`` x time, optionally scaled by a utilisation
@@ -50,7 +51,10 @@ MODELLED = "modelled"
 METHODS: tuple[str, ...] = (MEASURED, INTEGRATED, MODELLED)  # most to least trustworthy
 
 SOURCE_NVML = "nvml"
-SOURCE_RAPL = "rapl"
+#: RAPL counts the node's CPU packages, whatever runs on them: the source says so wherever it is shown.
+SOURCE_RAPL = "rapl:node"
+SCOPE_DEVICE = "device"
+SCOPE_NODE = "node"
 SOURCE_MODELLED = "config:modelledWattsPerDevice"
 
 DEFAULT_POWERCAP_ROOT = Path("/sys/class/powercap")
@@ -74,6 +78,7 @@ class EnergySample:
     watts: float
     method: str
     source: str
+    scope: str = SCOPE_DEVICE
 
 
 class DeviceChannel:
@@ -86,6 +91,7 @@ class DeviceChannel:
 
     method: str = MODELLED
     source: str = SOURCE_MODELLED
+    scope: str = SCOPE_DEVICE
 
     def __init__(self, device: str) -> None:
         self.device = device
@@ -144,7 +150,7 @@ class DeviceChannel:
     def sample(self) -> EnergySample:
         """A consistent snapshot of this device's totals."""
         with self.lock:
-            return EnergySample(self.device, self.joules, self.watts, self.method, self.source)
+            return EnergySample(self.device, self.joules, self.watts, self.method, self.source, self.scope)
 
 
 class NvmlEnergyChannel(DeviceChannel):
@@ -206,6 +212,7 @@ class RaplChannel(DeviceChannel):
 
     method = MEASURED
     source = SOURCE_RAPL
+    scope = SCOPE_NODE
 
     def __init__(self, device: str, zone_dir: Path) -> None:
         super().__init__(device)

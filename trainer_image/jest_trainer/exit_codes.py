@@ -12,6 +12,7 @@ device fault); 2 the config file is missing or invalid; 3 a deterministic error 
 from __future__ import annotations
 
 import re
+import sys
 
 EXIT_OK = 0
 EXIT_RETRYABLE = 1
@@ -32,10 +33,12 @@ def is_deterministic(error: BaseException) -> bool:
     ``ValueError``/``TypeError``/``IndexError``/``NotImplementedError`` (how this trainer reports bad fields
     and unsupported combinations) and torch's shape errors are; a collective's failure (a peer that died,
     a timeout: ``torch.distributed.DistError``), I/O and out-of-memory errors are not.
-    """
-    import torch
 
-    dist_error = getattr(torch.distributed, "DistError", None)
+    Never imports torch: the operator reads this module's codes and its image carries no torch. An error
+    raised by torch.distributed means torch is already loaded, so ``sys.modules`` is where to look for it.
+    """
+    distributed = sys.modules.get("torch.distributed")
+    dist_error = getattr(distributed, "DistError", None)
     if dist_error is not None and isinstance(error, dist_error):
         return False
     if isinstance(error, (ValueError, TypeError, IndexError, NotImplementedError)):

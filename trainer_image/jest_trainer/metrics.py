@@ -12,7 +12,8 @@ histogram starts afresh (``rate``/``histogram_quantile`` cope with a reset). Ene
 :class:`~jest_trainer.energy.EnergyMeter` at scrape time, never pushed from the training loop.
 
 Energy series: ``jest_accelerator_energy_joules_total`` / ``jest_accelerator_power_watts`` per device
-(since sampler start, labels ``device``, ``source``, ``method``), ``jest_energy_backend_info``,
+(since sampler start, labels ``device``, ``source``, ``method`` and ``scope``: ``device``, or ``node`` for
+RAPL, which counts the whole node's CPU packages), ``jest_energy_backend_info``,
 ``jest_energy_consumed_joules_total`` (this rank's energy *including* what was restored from a checkpoint,
 which is what the budget alert compares against ``jest_energy_budget_joules``),
 ``jest_energy_sampling_seconds_total`` (the meter's own cost) and ``jest_energy_sampler_errors_total``.
@@ -142,7 +143,7 @@ class _EnergyCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         base = [self._trainingjob, self._rank]
-        device_labels = ["trainingjob", "rank", "device", "source", "method"]
+        device_labels = ["trainingjob", "rank", "device", "source", "method", "scope"]
         energy = CounterMetricFamily(
             "jest_accelerator_energy_joules",
             "Energy of one physical device since its sampler started (method: measured|integrated|modelled).",
@@ -153,7 +154,7 @@ class _EnergyCollector(Collector):
             "jest_accelerator_power_watts", "Latest power of one physical device.", labels=device_labels, unit="watts"
         )
         for sample in self._meter.samples():
-            labels = [*base, sample.device, sample.source, sample.method]
+            labels = [*base, sample.device, sample.source, sample.method, sample.scope]
             energy.add_metric(labels, sample.joules)
             power.add_metric(labels, sample.watts)
         yield energy

@@ -137,7 +137,7 @@ def test_rapl_packages_are_measured_and_subzones_ignored(tmp_path: Path) -> None
     root = build_powercap_tree(tmp_path / "powercap", [FakeRaplZone(0, 1_000_000), FakeRaplZone(1, 0)])
     meter = create_meter(EnergyConfig(), device_kind="cpu", device_indices=[0], powercap_root=root)
 
-    assert (meter.method, meter.source) == ("measured", "rapl")
+    assert (meter.method, meter.source) == ("measured", "rapl:node")
     assert all(isinstance(channel, RaplChannel) for channel in meter.channels)
     assert [sample.device for sample in meter.samples()] == ["rapl:package-0", "rapl:package-1"]
     drive(meter, 10.0)
@@ -153,7 +153,7 @@ def test_rapl_packages_are_measured_and_subzones_ignored(tmp_path: Path) -> None
 def test_rapl_is_metered_once_per_node_by_local_rank_zero(tmp_path: Path) -> None:
     root = build_powercap_tree(tmp_path, [FakeRaplZone(0)])
     other_rank = create_meter(EnergyConfig(), device_kind="cpu", device_indices=[1], powercap_root=root)
-    assert (other_rank.method, other_rank.source, other_rank.samples()) == ("measured", "rapl", [])
+    assert (other_rank.method, other_rank.source, other_rank.samples()) == ("measured", "rapl:node", [])
     drive(other_rank, 0.0)
     set_energy_uj(root, 0, 9_000_000)
     drive(other_rank, 1.0)
@@ -194,7 +194,7 @@ def test_auto_on_this_machine_chooses_modelled_without_nvml_or_rapl() -> None:
     has_nvml = energy.load_nvml()[0] is not None
     cpu = create_meter(EnergyConfig(), device_kind="cpu", device_indices=[0])
     modelled = ("modelled", "config:modelledWattsPerDevice")
-    assert (cpu.method, cpu.source) == (("measured", "rapl") if has_rapl else modelled)
+    assert (cpu.method, cpu.source) == (("measured", "rapl:node") if has_rapl else modelled)
     if not has_nvml:
         gpu = create_meter(EnergyConfig(), device_kind="cuda", device_indices=[0])
         assert (gpu.method, gpu.source) == modelled

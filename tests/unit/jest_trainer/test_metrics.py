@@ -162,11 +162,11 @@ def test_energy_is_read_from_the_meter_at_scrape_time(metrics: TrainerMetrics) -
         channel.advance(1.0)
 
     assert value(metrics, "jest_accelerator_energy_joules_total", device="cuda:0", source="nvml",
-                 method="measured") == pytest.approx(250.0)
+                 method="measured", scope="device") == pytest.approx(250.0)
     assert value(metrics, "jest_accelerator_energy_joules_total", device="cuda:1", source="nvml",
-                 method="integrated") == pytest.approx(100.0)
+                 method="integrated", scope="device") == pytest.approx(100.0)
     assert value(metrics, "jest_accelerator_power_watts", device="cuda:0", source="nvml",
-                 method="measured") == pytest.approx(250.0)
+                 method="measured", scope="device") == pytest.approx(250.0)
     assert value(metrics, "jest_energy_backend_info", source="nvml", method="integrated") == 1
     assert value(metrics, "jest_energy_consumed_joules_total", source="nvml",
                  method="integrated") == pytest.approx(1350.0)
