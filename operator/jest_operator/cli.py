@@ -125,6 +125,7 @@ def build_summary(result: Any, *, world_size: int, message: str | None = None) -
         "samples_skipped": progress.get("samplesSkipped"),
         "reference_mode": progress.get("referenceMode"),
         "data_wait_fraction": progress.get("dataWaitFraction"),
+        "configuration": progress.get("configuration"),
         "wall_seconds": round(result.wall_seconds, 3),
         "restart_to_resume_seconds": [round(seconds, 3) for seconds in getattr(result, "resume_seconds", [])],
         "message": message if message is not None else result.message,
@@ -138,7 +139,7 @@ def failed_summary(message: str) -> dict[str, Any]:
         "final_accuracy": None, "examples_trained": None, "examples_scored": None,
         "energy": {"joules": None, "method": None, "source": None}, "examples_per_second": None,
         "retrieval": None, "samples_skipped": None, "reference_mode": None, "data_wait_fraction": None,
-        "wall_seconds": 0.0, "restart_to_resume_seconds": [], "message": message,
+        "configuration": None, "wall_seconds": 0.0, "restart_to_resume_seconds": [], "message": message,
     }
 
 

@@ -279,3 +279,46 @@ def test_two_workers_train_with_the_softmax_loss(tmp_path: Path) -> None:
     assert process.returncode == 0, output
     summary = json.loads(summary_path.read_text())
     assert (summary["phase"], summary["steps"]) == ("Succeeded", 4)
+
+
+def run_to_success(tmp_path: Path, *overrides: str, timeout: float = 240) -> dict:
+    """``jestctl run`` MANIFEST with ``overrides``; asserts it exits 0 and returns its summary."""
+    with jestctl(tmp_path, tmp_path / "work", *overrides) as (process, summary_path):
+        output = finish(process, timeout=timeout)
+    assert process.returncode == 0, output
+    summary = json.loads(summary_path.read_text())
+    assert summary["phase"] == "Succeeded", summary
+    return summary
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("method", ["learnability_topk", "easy_reference", "hard_learner"])
+def test_every_baseline_method_trains_on_two_workers_with_either_loss(tmp_path: Path, method: str, loss: str) -> None:
+    """The baselines the examples and benchmarks advertise run distributed with both losses, not only JEST."""
+    summary = run_to_success(tmp_path, f"spec.training.selection.method={method}",
+                             f"spec.training.selection.loss={loss}", "spec.training.steps=3",
+                             "spec.training.eval.intervalSteps=3", "spec.training.reference.train.steps=5")
+    assert summary["configuration"] == {"method": method, "loss": loss, "precision": "fp32", "device": "cpu",
+                                        "backend": "gloo"}
+    assert (summary["world_size"], summary["steps"]) == (2, 3)
+    assert summary["examples_trained"] == 3 * 32 and summary["examples_scored"] == 3 * 64  # filterRatio 0.5
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+def test_bf16_trains_on_cpu_with_either_loss(tmp_path: Path, loss: str) -> None:
+    """``precision: bf16`` (autocast on CPU) runs to the end on 2 workers; scoring stays fp32 (tested in unit)."""
+    summary = run_to_success(tmp_path, "spec.training.precision=bf16", f"spec.training.selection.loss={loss}",
+                             "spec.training.steps=4", "spec.training.eval.intervalSteps=4",
+                             "spec.training.reference.train.steps=5")
+    assert summary["configuration"]["precision"] == "bf16" and summary["configuration"]["loss"] == loss
+    assert summary["steps"] == 4
+    assert summary["final_accuracy"] is not None and 0.0 <= summary["final_accuracy"] <= 1.0
+
+
+def test_two_torchrun_pods_of_two_processes_form_one_world_of_four(tmp_path: Path) -> None:
+    """numNodes=2 x numProcPerNode=2: two torchrun agents rendezvous into WORLD_SIZE 4, and rank 0's job
+    totals count all four ranks' examples (no N-fold undercount for multi-process pods)."""
+    summary = run_to_success(tmp_path, "spec.numNodes=2", "spec.numProcPerNode=2", "spec.training.steps=3",
+                             "spec.training.eval.intervalSteps=3", "spec.training.reference.train.steps=5")
+    assert (summary["world_size"], summary["steps"]) == (4, 3)
+    assert summary["examples_trained"] == 3 * 32 and summary["examples_scored"] == 3 * 64

@@ -30,6 +30,7 @@ _SHAPE_ERROR = re.compile(
 def is_deterministic(error: BaseException) -> bool:
     """Whether ``error`` would be raised again by a restart with the same config, data and code.
 
+    An error that declares a boolean ``deterministic`` attribute is taken at its word. Otherwise
     ``ValueError``/``TypeError``/``IndexError``/``NotImplementedError`` (how this trainer reports bad fields
     and unsupported combinations) and torch's shape errors are; a collective's failure (a peer that died,
     a timeout: ``torch.distributed.DistError``), I/O and out-of-memory errors are not.
@@ -37,6 +38,9 @@ def is_deterministic(error: BaseException) -> bool:
     Never imports torch: the operator reads this module's codes and its image carries no torch. An error
     raised by torch.distributed means torch is already loaded, so ``sys.modules`` is where to look for it.
     """
+    declared = getattr(error, "deterministic", None)
+    if isinstance(declared, bool):  # the error's own class knows best (data quality, a missing extra)
+        return declared
     distributed = sys.modules.get("torch.distributed")
     dist_error = getattr(distributed, "DistError", None)
     if dist_error is not None and isinstance(error, dist_error):

@@ -609,6 +609,9 @@ def run(
                        "source": "+".join(sorted(set("+".join(energy_sources.values()).split("+"))))},
             "checkpoint": state.last_checkpoint, "resumedFromStep": state.resumed_from,
             "worldSize": ctx.world_size, "attempt": telemetry.attempt,
+            # what actually ran (after defaults and device fallbacks), so a summary proves its configuration
+            "configuration": {"method": cfg.selection.method, "loss": cfg.selection.loss,
+                              "precision": cfg.precision, "device": ctx.device.type, "backend": ctx.backend},
         }
 
     def save() -> None:

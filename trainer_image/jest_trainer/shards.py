@@ -48,7 +48,12 @@ ProblemSink = Callable[[str, str, str, str], None]
 
 
 class MissingExtraError(RuntimeError):
-    """A shard URL needs an optional package (fsspec and its protocol's filesystem) that is not installed."""
+    """A shard URL needs an optional package (fsspec and its protocol's filesystem) that is not installed.
+
+    A restart runs the same image, so the job fails at once (exit 3) instead of spending its backoff.
+    """
+
+    deterministic = True
 
 
 class ShardOpenError(OSError):

@@ -91,6 +91,13 @@ class DataQualityError(RuntimeError):
         self.skipped = dict(skipped or {})
         self.seen = int(seen)
 
+    @property
+    def deterministic(self) -> bool:
+        """Broken samples are broken again after a restart (exit 3, no backoff spent); shards that could not be
+        read after retries may be an outage a restart outlives. The message names the reasons, so this also
+        holds for the copy a DataLoader re-raises from its worker (built from the message alone)."""
+        return "unreadable_shard" not in self.skipped and "unreadable_shard" not in str(self)
+
 
 def skip_summary(skipped: Mapping[str, int]) -> str:
     """``"12 decode_error, 3 missing_caption"`` (largest first; ``"none"`` when nothing was skipped)."""

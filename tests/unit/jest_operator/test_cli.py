@@ -71,7 +71,7 @@ def test_build_summary_takes_counters_from_rank0_progress() -> None:
         "final_accuracy": 0.4125, "examples_trained": 640, "examples_scored": 1280,
         "energy": {"joules": 1234.5, "method": "modelled", "source": "config:modelledWattsPerDevice"},
         "examples_per_second": 321.5, "retrieval": None, "samples_skipped": None, "reference_mode": None,
-        "data_wait_fraction": None, "wall_seconds": 12.346, "restart_to_resume_seconds": [4.568],
+        "data_wait_fraction": None, "configuration": None, "wall_seconds": 12.346, "restart_to_resume_seconds": [4.568],
         "message": "all 2 workers succeeded",
     }
 

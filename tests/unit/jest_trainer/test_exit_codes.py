@@ -11,6 +11,8 @@ from jest_trainer.exit_codes import (
     exit_code_for,
     is_deterministic,
 )
+from jest_trainer.shards import MissingExtraError
+from jest_trainer.stream import DataQualityError
 
 
 def shape_error() -> RuntimeError:
@@ -41,3 +43,14 @@ def test_errors_the_same_inputs_raise_again_are_deterministic(error: BaseExcepti
 ])
 def test_lost_peers_io_and_memory_are_retried(error: BaseException) -> None:
     assert not is_deterministic(error) and exit_code_for(error) == EXIT_RETRYABLE not in NON_RETRYABLE_EXIT_CODES
+
+
+def test_data_errors_say_themselves_whether_a_restart_helps() -> None:
+    """Too many broken samples fail the same way again; unreadable shards may be an outage that passes."""
+    broken = DataQualityError("data: 9 of 100 samples were skipped: 9 decode_error", skipped={"decode_error": 9})
+    outage = DataQualityError("data: 60 of 100 samples were skipped: 60 unreadable_shard",
+                              skipped={"unreadable_shard": 60})
+    reraised = DataQualityError("Caught DataQualityError in DataLoader worker process 0: ... 60 unreadable_shard")
+    assert exit_code_for(broken) == EXIT_DETERMINISTIC
+    assert exit_code_for(outage) == EXIT_RETRYABLE and exit_code_for(reraised) == EXIT_RETRYABLE
+    assert exit_code_for(MissingExtraError("s3:// needs the [remote] extra")) == EXIT_DETERMINISTIC
