@@ -297,3 +297,30 @@ def test_an_admin_tightens_or_loosens_the_policy_and_disabling_it_leaves_none_be
     operator = as_user(cluster, f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SERVICE_ACCOUNT}", *suspend)
     assert operator.returncode == 0, operator.stderr
     assert cluster.get("jtj", "legacy", "-n", tenant)["spec"]["runPolicy"]["suspend"] is True
+
+
+def test_a_fresh_install_with_the_policy_off_creates_no_policy(user_cluster: UserCluster) -> None:
+    """``helm install`` with ``admissionPolicy.enabled=false`` (a second release, serving only its own namespace,
+    the CRD left to the first) installs no policy or binding, and leaves the first release's policy alone."""
+    import helm_python
+
+    from tests.conftest import find_free_port
+    from tests.e2e.conftest import helm_values
+
+    cluster = user_cluster
+    release, namespace = "nopolicy", cluster.new_namespace("nopolicy")
+    values = {**helm_values(find_free_port(), find_free_port()), "crds": {"install": False},
+              "watchNamespaces": [namespace], "admissionPolicy": {"enabled": False}}
+    config = helm_python.Config(kubeconfig_path=cluster.cp.kubeconfig, namespace=namespace)
+    try:
+        installed = config.install(str(CHART), release, values, namespace=namespace, wait="watcher", timeout=180)
+        kinds = {document["kind"] for document in yaml.safe_load_all(installed["manifest"]) if document}
+        assert "Deployment" in kinds and not kinds & {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
+        for kind in ("validatingadmissionpolicy", "validatingadmissionpolicybinding"):
+            names = [item["metadata"]["name"] for item in cluster.get(kind)["items"]]
+            assert names == [POLICY], f"{kind}: {names}"  # only the session release's, which stays
+    finally:
+        try:
+            config.uninstall(release, wait="watcher", timeout=120, ignore_not_found=True)
+        finally:
+            config.close()
