@@ -317,6 +317,8 @@ def command_run(args: argparse.Namespace) -> int:
         sink=view.log,
         on_progress=view.update,
         active_deadline_seconds=run_policy.active_deadline_seconds,
+        budget_joules=job.spec.energy.budget_joules,
+        on_budget_exceeded=job.spec.energy.on_budget_exceeded,
         grace_seconds=args.grace_seconds,
         extra_env={"JEST_PROGRESS": "plain", **extra_env},
     )

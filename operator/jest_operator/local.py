@@ -5,7 +5,9 @@ produces, so there is exactly one description of a worker (command, environment,
 runs on a cluster or on a laptop. This module translates a pod dict into a local command
 (``localize_pod``: cluster addresses become loopback, ports become free local ports, the ConfigMap
 becomes a file under the work directory) and supervises that command (``LocalPodProcess``: own
-process group, rank-prefixed logs, SIGTERM with a grace period then SIGKILL).
+process group, rank-prefixed logs, SIGTERM with a grace period then SIGKILL). ``GangRunner`` runs a
+whole gang and leaves every decision about it to the operator's state machine
+(:func:`jest_operator.status.judge_gang`), its processes observed as pods (:func:`judge_local_gang`).
 
 It never imports torch: the operator image and ``jestctl`` start without it.
 """
@@ -23,14 +25,33 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from jest_trainer.exit_codes import NON_RETRYABLE_EXIT_CODES
 
-from jest_operator.api import ConditionReason
+from jest_operator.status import (
+    PHASE_FAILED,
+    PHASE_PENDING,
+    PHASE_RESTARTING,
+    PHASE_RUNNING,
+    PHASE_SUCCEEDED,
+    PHASE_SUSPENDED,
+    REASON_BACKOFF_LIMIT_EXCEEDED,
+    REASON_DEADLINE_EXCEEDED,
+    REASON_ENERGY_BUDGET_EXCEEDED,
+    REASON_NON_RETRYABLE_ERROR,
+    REASON_POD_DISRUPTED,
+    REASON_SUSPENDED,
+    GangObservation,
+    GangPolicy,
+    GangVerdict,
+    ObservedPod,
+    TrainerProgress,
+    judge_gang,
+)
 
 LOOPBACK = "127.0.0.1"
 CONFIG_FILE_NAME = "config.json"
@@ -273,7 +294,8 @@ class LocalPodProcess:
     which decides what to forward, and so signals reach grandchildren (torchrun's workers). Every
     stdout/stderr line is passed to ``sink`` prefixed ``[<label>]`` (default ``[rank r]``) and, when
     ``log_path`` is set, appended unprefixed to that file (the local kubelet's ``kubectl logs``). The
-    last ``tail_lines`` stderr lines are kept for failure messages. With ``die_with_parent`` (Linux) the
+    last ``tail_lines`` stderr lines are kept for failure messages; ``pod_name`` names the pod it runs in
+    those messages. With ``die_with_parent`` (Linux) the
     child receives SIGTERM if the thread that started it dies, so a crashed ``jestctl`` leaves no
     orphaned workers (they checkpoint and exit); only use it from a long-lived thread.
     """
@@ -286,6 +308,7 @@ class LocalPodProcess:
     base_env: Mapping[str, str] | None = None
     tail_lines: int = 20
     die_with_parent: bool = False
+    pod_name: str = ""
     _process: subprocess.Popen[str] | None = field(default=None, init=False, repr=False)
     _readers: list[threading.Thread] = field(default_factory=list, init=False, repr=False)
     _stderr_tail: collections.deque[str] = field(init=False, repr=False)
@@ -477,13 +500,86 @@ def describe_exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
-def unfinished(progress: Mapping[str, Any] | None) -> bool:
-    """Whether rank 0's last progress says training stopped before its last step (a clean early exit:
-    the trainer checkpoints and exits 0 on SIGTERM). Without a progress file the exit codes decide."""
-    if not progress or progress.get("phase") == "Succeeded":
-        return False
-    step, total = progress.get("step"), progress.get("totalSteps")
-    return isinstance(step, int) and isinstance(total, int) and step < total
+def observe_process(rank: int, code: int | None, *, name: str = "", attempt: int = 0,
+                    stderr_tail: Sequence[str] = ()) -> ObservedPod:
+    """A local worker as the operator observes a worker pod, so both feed :func:`judge_gang` the same facts.
+
+    Running while the process runs; Succeeded on exit 0; otherwise Failed with reason ``Error``, the exit
+    code a container runtime reports (128 + n for a process killed by signal n, e.g. 137 for SIGKILL) and
+    its last stderr line as message (what ``FallbackToLogsOnError`` puts in a failed pod's termination
+    message: the trainer's last line names its error).
+    """
+    name = name or f"node-{rank}"
+    if code is None:
+        return ObservedPod(name=name, index=rank, attempt=attempt, phase="Running", ready=True, terminating=False)
+    if code == 0:
+        return ObservedPod(name=name, index=rank, attempt=attempt, phase="Succeeded", ready=False, terminating=False,
+                           reason="Completed", exit_code=0)
+    last_line = next((line.strip() for line in reversed(stderr_tail) if line.strip()), describe_exit(code))
+    return ObservedPod(name=name, index=rank, attempt=attempt, phase="Failed", ready=False, terminating=False,
+                       reason="Error", message=last_line, exit_code=code if code > 0 else 128 - code)
+
+
+def trainer_progress(document: Mapping[str, Any] | None) -> TrainerProgress | None:
+    """Rank 0's progress file (contract C2) as the operator's :class:`TrainerProgress` (None without one).
+
+    The step and total steps say whether a clean exit came before the last step; the energy (with its
+    method and source) is what an energy budget is enforced on, as the operator does from rank 0's report.
+    """
+    if not document:
+        return None
+    energy = document.get("energy") if isinstance(document.get("energy"), Mapping) else {}
+    checkpoint = document.get("checkpoint") if isinstance(document.get("checkpoint"), Mapping) else {}
+    return TrainerProgress(
+        step=_whole(document.get("step")),
+        total_steps=_whole(document.get("totalSteps")),
+        examples_trained=_number(document.get("examplesTrained")),
+        energy_joules=_number(energy.get("joules")),
+        energy_method=energy.get("method") or None,
+        energy_source=energy.get("source") or None,
+        checkpoint_step=_whole(checkpoint.get("step")),
+        checkpoint_path=checkpoint.get("path") or None,
+    )
+
+
+def _whole(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def judge_local_gang(
+    policy: GangPolicy,
+    codes: Mapping[int, int | None],
+    progress: Mapping[str, Any] | None,
+    *,
+    attempt: int = 0,
+    restarts: int = 0,
+    active_seconds: float = 0.0,
+    energy_joules: float | None = None,
+    names: Mapping[int, str] | None = None,
+    stderr_tails: Mapping[int, Sequence[str]] | None = None,
+) -> GangVerdict:
+    """The verdict on a local gang attempt: ``codes`` (rank -> exit code, None while running) and rank 0's
+    progress file observed as pods and a trainer report, judged by the operator's :func:`judge_gang`.
+
+    Pure, so the parity with the operator is table-tested. Every local worker is started at once and
+    cannot vanish, so the gang counts as running (a missing rank is impossible) and no process is ever
+    disrupted (evictions exist only on a cluster). ``energy_joules`` defaults to the progress file's.
+    """
+    report = trainer_progress(progress)
+    if energy_joules is None and report is not None:
+        energy_joules = report.energy_joules
+    pods = tuple(
+        observe_process(rank, code, name=(names or {}).get(rank, ""), attempt=attempt,
+                        stderr_tail=(stderr_tails or {}).get(rank, ()))
+        for rank, code in sorted(codes.items())
+    )
+    return judge_gang(policy, GangObservation(pods=pods, progress=report, restarts=restarts,
+                                              active_seconds=active_seconds, energy_joules=energy_joules,
+                                              was_running=True))
 
 
 @dataclass(frozen=True)
@@ -529,7 +625,8 @@ def blame(failed: Mapping[int, tuple[int | None, tuple[str, ...]]]) -> WorkerFai
 
 @dataclass
 class GangResult:
-    """Outcome of a local gang run; ``progress`` is the last progress file read (rank 0, C2)."""
+    """Outcome of a local gang run; ``progress`` is the last progress file read (rank 0, C2); ``reason`` is
+    the operator's condition reason for the same outcome (:data:`jest_operator.status.REASONS`)."""
 
     phase: str  # Succeeded | Failed | Suspended
     restarts: int
@@ -540,19 +637,26 @@ class GangResult:
     failure: WorkerFailure | None = None
     interrupted_by: int | None = None
     resume_seconds: list[float] = field(default_factory=list)
+    reason: str = ""
 
 
 @dataclass
 class GangRunner:
-    """Runs the pods of one job as a local gang with the operator's gang semantics.
+    """Runs the pods of one job as a local gang, judged by the operator's own state machine.
 
     Every attempt asks ``build_children(job, attempt=...)`` for the ConfigMap and Pods (the operator's
-    builders: one source of truth), localizes every pod before starting any, then supervises them: if
-    any worker ends badly all are stopped and the gang is recreated with attempt+1 (JEST_ATTEMPT) on a
-    fresh rendezvous port, resuming from the newest checkpoint, until ``backoff_limit`` restarts are
-    spent. ``stop`` (set by jestctl's signal handler) forwards SIGTERM to every worker; they checkpoint
-    and exit, and the run ends Suspended. ``active_deadline_seconds`` fails the run like the operator.
-    Workers die with the thread that calls ``run`` (``die_with_parent``): call it from the main thread.
+    builders: one source of truth), localizes every pod before starting any, then polls them and asks
+    :func:`jest_operator.status.judge_gang` (through :func:`judge_local_gang`) what the observations mean,
+    so a local run and the operator give the same phase for the same facts. It acts on the verdict:
+    Restarting stops every worker and recreates the gang with attempt+1 (``JEST_ATTEMPT``) on a fresh
+    rendezvous port, resuming from the newest checkpoint; Suspended and Failed stop the workers and end the
+    run; Succeeded lets the other workers finish (up to ``grace_seconds``) and ends it.
+
+    ``stop`` (set by jestctl's signal handler) is the local ``spec.runPolicy.suspend``: the workers get
+    SIGTERM, checkpoint and exit 0, and the run ends Suspended. ``backoff_limit``,
+    ``active_deadline_seconds`` (counted from ``run``'s start) and the energy budget (``budget_joules``,
+    ``on_budget_exceeded``, on rank 0's reported energy) are the job's run policy, enforced as the operator
+    does. Workers die with the thread that calls ``run`` (``die_with_parent``): call it from the main thread.
     """
 
     job: Any
@@ -569,6 +673,8 @@ class GangRunner:
     failure_grace_seconds: float = 10.0
     poll_seconds: float = 0.25
     active_deadline_seconds: float | None = None
+    budget_joules: float | None = None
+    on_budget_exceeded: str = "Warn"
     extra_env: dict[str, str] = field(default_factory=dict)
     first_attempt: int = 0
     die_with_parent: bool = True
@@ -577,6 +683,18 @@ class GangRunner:
     def progress_path(self) -> Path:
         """Where rank 0 writes progress (``JEST_STATUS_FILE``)."""
         return self.workdir / PROGRESS_FILE_NAME
+
+    def policy(self, num_nodes: int) -> GangPolicy:
+        """The run policy :func:`judge_gang` applies now (``suspend`` is whether a stop was requested)."""
+        metadata = getattr(self.job, "metadata", None)
+        training = getattr(getattr(self.job, "spec", None), "training", None)
+        steps = getattr(training, "steps", None)
+        return GangPolicy(
+            name=str(getattr(metadata, "name", "local")), num_nodes=num_nodes, backoff_limit=self.backoff_limit,
+            total_steps=steps if isinstance(steps, int) else None, suspend=self.stop.is_set(),
+            active_deadline_seconds=self.active_deadline_seconds, budget_joules=self.budget_joules,
+            on_budget_exceeded=self.on_budget_exceeded,
+        )
 
     def _localize_attempt(self, attempt: int) -> list[LocalPodProcess]:
         """Build and localize every pod of one attempt (raises before any process starts)."""
@@ -597,7 +715,8 @@ class GangRunner:
             # a torchrun pod holds several ranks: label its lines by node, not by a rank it does not own
             label = f"node {rank}" if self.procs_per_pod > 1 else None
             processes.append(LocalPodProcess(command, rank=rank, label=label, sink=self.sink, log_path=log_path,
-                                             die_with_parent=self.die_with_parent))
+                                             die_with_parent=self.die_with_parent,
+                                             pod_name=str((pod.get("metadata") or {}).get("name") or "")))
         return processes
 
     def _read_attempt_progress(self, attempt: int) -> dict[str, Any] | None:
@@ -607,9 +726,28 @@ class GangRunner:
             return None
         return progress
 
+    def _stop_workers(self, processes: list[LocalPodProcess], verdict: GangVerdict) -> None:
+        """Stop the workers as the verdict requires.
+
+        Succeeded: the others are finishing too, so they get ``grace_seconds`` to exit on their own.
+        Suspended, a deadline, a budget or an eviction: SIGTERM with ``grace_seconds``, so they checkpoint
+        (what the operator's pod deletion with the pod's grace period does). A failed gang: its collective
+        is broken and nothing is left to checkpoint, so ``failure_grace_seconds``.
+        """
+        if verdict.phase == PHASE_SUCCEEDED:
+            deadline = time.monotonic() + self.grace_seconds
+            for process in processes:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            terminate_all([p for p in processes if p.poll() is None], self.failure_grace_seconds)
+        elif verdict.phase == PHASE_SUSPENDED or verdict.reason in (
+                REASON_DEADLINE_EXCEEDED, REASON_ENERGY_BUDGET_EXCEEDED, REASON_POD_DISRUPTED):
+            terminate_all(processes, self.grace_seconds)
+        else:
+            terminate_all(processes, self.failure_grace_seconds)
+
     def run(self) -> GangResult:
-        """Run attempts until success, interruption, deadline or the backoff limit; never raises for
-        worker failures (they are the result), only for pods that cannot be localized."""
+        """Run attempts until a verdict ends the run (success, suspension, failure); never raises for worker
+        failures (they are the result), only for pods that cannot be localized."""
         started = time.monotonic()
         self.workdir.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
@@ -617,57 +755,54 @@ class GangRunner:
         restarts = 0
         attempt = self.first_attempt
         last_progress: dict[str, Any] | None = None
+        energy_joules: float | None = None
         resume_seconds: list[float] = []
         failure_time: float | None = None
 
-        def result(phase: str, message: str, failure: WorkerFailure | None = None) -> GangResult:
-            return GangResult(phase=phase, restarts=restarts, attempts=attempt - self.first_attempt + 1,
+        def result(verdict: GangVerdict, message: str, failure: WorkerFailure | None = None) -> GangResult:
+            return GangResult(phase=verdict.phase, restarts=restarts, attempts=attempt - self.first_attempt + 1,
                               message=message, wall_seconds=time.monotonic() - started, progress=last_progress,
                               failure=failure, interrupted_by=self.stop_signal[-1] if self.stop_signal else None,
-                              resume_seconds=resume_seconds)
+                              resume_seconds=resume_seconds, reason=verdict.reason)
 
         while True:
             processes = self._localize_attempt(attempt)
             if self.stop.is_set():
-                return result("Suspended", "interrupted before the workers started")
+                return result(GangVerdict(PHASE_SUSPENDED, REASON_SUSPENDED, "stop requested"),
+                              "interrupted before the workers started")
             for process in processes:
                 process.start()
             attempt_progress_seen = False
-            outcome: str | None = None
             failure: WorkerFailure | None = None
+            verdict = GangVerdict(PHASE_PENDING, "", "")
             try:
-                while outcome is None:
+                while verdict.phase in (PHASE_PENDING, PHASE_RUNNING):
                     time.sleep(self.poll_seconds)
+                    codes = {process.rank: process.poll() for process in processes}
+                    # read after the exit codes: a worker that has exited wrote its last progress before, so
+                    # a clean exit is never judged by a report older than the exit
                     progress = self._read_attempt_progress(attempt)
                     if progress is not None:
                         last_progress = progress
+                        reported = _number((progress.get("energy") or {}).get("joules"))
+                        if reported is not None:
+                            energy_joules = max(energy_joules or 0.0, reported)
                         if failure_time is not None and not attempt_progress_seen:
                             resume_seconds.append(time.monotonic() - failure_time)
                             failure_time = None
                         attempt_progress_seen = True
                     if self.on_progress is not None:
                         self.on_progress(progress, attempt)
-                    if self.stop.is_set():
-                        terminate_all(processes, self.grace_seconds)
-                        outcome = "interrupted"
-                        break
-                    codes = {process.rank: process.poll() for process in processes}
-                    failed = {
-                        process.rank: (codes[process.rank], tuple(process.stderr_tail()))
-                        for process in processes
-                        if codes[process.rank] not in (None, 0)
-                    }
-                    if failed:
-                        failure = blame(failed)
-                        failure_time = time.monotonic()
-                        terminate_all(processes, self.failure_grace_seconds)
-                        outcome = "failed"
-                    elif all(code == 0 for code in codes.values()):
-                        outcome = "succeeded"
-                    elif (self.active_deadline_seconds is not None
-                          and time.monotonic() - started > self.active_deadline_seconds):
-                        terminate_all(processes, self.grace_seconds)
-                        outcome = "deadline"
+                    tails = {process.rank: tuple(process.stderr_tail()) for process in processes}
+                    verdict = judge_local_gang(
+                        self.policy(len(processes)), codes, progress, attempt=attempt, restarts=restarts,
+                        active_seconds=time.monotonic() - started, energy_joules=energy_joules,
+                        names={process.rank: process.pod_name for process in processes}, stderr_tails=tails)
+                    if verdict.phase in (PHASE_PENDING, PHASE_RUNNING):
+                        continue
+                    failed = {rank: (code, tails[rank]) for rank, code in codes.items() if code not in (None, 0)}
+                    failure = blame(failed) if failed else None
+                    self._stop_workers(processes, verdict)
             finally:
                 for process in processes:
                     if process.poll() is None:
@@ -677,31 +812,32 @@ class GangRunner:
                 last_progress = final_progress
             if self.on_progress is not None:
                 self.on_progress(last_progress, attempt)
-            if outcome == "succeeded" and unfinished(last_progress):
-                progress = last_progress or {}
-                return result("Suspended", f"the workers exited 0 at step {progress.get('step')} of "
-                                           f"{progress.get('totalSteps')} (stopped from outside, e.g. SIGTERM); "
-                                           "run again to resume")
-            if outcome == "succeeded":
-                return result("Succeeded", f"all {len(processes)} workers succeeded")
-            if outcome == "interrupted":
-                step = (last_progress or {}).get("checkpoint") or {}
-                where = f"checkpoint at step {step.get('step')}" if step else "no checkpoint yet"
-                return result("Suspended", f"interrupted; workers stopped ({where}); run again to resume")
-            if outcome == "deadline":
-                return result("Failed", f"DeadlineExceeded: the job ran longer than activeDeadlineSeconds "
-                                        f"({self.active_deadline_seconds:g})")
-            assert failure is not None
-            if failure.exit_code in NON_RETRYABLE_EXIT_CODES:
-                return result("Failed", f"{ConditionReason.NON_RETRYABLE_ERROR.value}: {failure.message()} "
-                                        f"(exit code {failure.exit_code}: the same inputs fail again; not retried)",
-                              failure)
-            if restarts >= self.backoff_limit:
-                return result("Failed", f"BackoffLimitExceeded: {restarts} gang restarts "
-                                        f"(backoffLimit {self.backoff_limit}); last error: {failure.message()}",
-                              failure)
+            if verdict.phase != PHASE_RESTARTING:
+                return result(verdict, self._message(verdict, failure, last_progress, restarts, len(processes)),
+                              failure if verdict.phase == PHASE_FAILED else None)
+            failure_time = time.monotonic()
             restarts += 1
             attempt += 1
-            self.sink(f"[jestctl] {failure.message(max_lines=3)}")
+            what = failure.message(max_lines=3) if failure is not None else verdict.detail
+            self.sink(f"[jestctl] {what}")
             self.sink(f"[jestctl] restarting the gang (restart {restarts} of at most {self.backoff_limit}, "
                       f"attempt {attempt})")
+
+    def _message(self, verdict: GangVerdict, failure: WorkerFailure | None, progress: Mapping[str, Any] | None,
+                 restarts: int, workers: int) -> str:
+        """The run's closing message: the verdict's, in a local run's words (ranks and their stderr)."""
+        if verdict.phase == PHASE_SUCCEEDED:
+            return f"rank 0 finished training ({workers} workers)"
+        if verdict.phase == PHASE_SUSPENDED and verdict.reason == REASON_SUSPENDED:
+            checkpoint = (progress or {}).get("checkpoint") or {}
+            where = f"checkpoint at step {checkpoint.get('step')}" if checkpoint else "no checkpoint yet"
+            return f"interrupted; workers stopped ({where}); run again to resume"
+        what = failure.message() if failure is not None else verdict.detail
+        if verdict.reason == REASON_NON_RETRYABLE_ERROR and failure is not None:
+            return (f"{verdict.reason}: {what} (exit code {failure.exit_code}: the same inputs fail again; "
+                    "not retried)")
+        if verdict.reason == REASON_BACKOFF_LIMIT_EXCEEDED:
+            return f"{verdict.reason}: {restarts} gang restarts (backoffLimit {self.backoff_limit}); last error: {what}"
+        if verdict.reason == REASON_DEADLINE_EXCEEDED:
+            return f"{verdict.reason}: the job ran longer than activeDeadlineSeconds ({self.active_deadline_seconds:g})"
+        return f"{verdict.reason}: {verdict.message}"

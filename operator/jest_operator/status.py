@@ -5,7 +5,10 @@ unit-tested without a cluster. ``handlers.py`` only observes (GET the job, LIST 
 calls :func:`plan`, and applies the returned :class:`Plan` (create/delete children, ONE status patch,
 events, an optional spec patch, an optional delete of the job).
 
-The state machine (DESIGN.md §3, §6):
+The state machine (DESIGN.md §3, §6) is :func:`judge_gang`: a pure verdict over one gang attempt's
+observations that ``jestctl run`` (``jest_operator.local.GangRunner``) asks too, with its local processes
+observed as pods, so a laptop and a cluster give the same phase for the same facts; :func:`plan` adds what
+only a cluster needs (children, ownership, conditions, events, cleanup). Its phases:
 
 * **Pending** -- children are created (ConfigMap, headless Service, one pod per node, all labelled with
   the gang attempt); the job is Pending until every pod of the current attempt runs.
@@ -24,7 +27,10 @@ The state machine (DESIGN.md §3, §6):
   the newest checkpoint already holds the newest step); ``startTime`` is cleared like a Kubernetes Job's,
   so ``activeDeadlineSeconds`` counts active time only. Resuming recreates the pods, which resume from the
   newest checkpoint.
-* **Succeeded** -- rank 0 succeeded and no pod of the attempt failed or was disrupted.
+* **Succeeded** -- rank 0 succeeded and no pod of the attempt failed or was disrupted. Rank 0 exiting 0
+  *before its last step* (its termination message says so) without a suspension is no success: the
+  trainer was stopped from outside after a checkpoint, so the gang restarts from it like a failed gang,
+  counted against ``backoffLimit`` (why: :func:`judge_gang`).
 * **Failed** -- a worker exited with a non-retryable code (``NonRetryableError``: an invalid config or a
   deterministic error, see :mod:`jest_trainer.exit_codes`; failed at once, backoff untouched), backoff
   exhausted (``BackoffLimitExceeded``, with the failed pod's reason and message),
@@ -475,6 +481,14 @@ class _JobFacts:
             checkpoint_dir=str(spec.training.checkpoint.dir),
         )
 
+    def policy(self) -> GangPolicy:
+        """The fields :func:`judge_gang` reads."""
+        return GangPolicy(
+            name=self.name, num_nodes=self.num_nodes, backoff_limit=self.backoff_limit, total_steps=self.total_steps,
+            suspend=self.suspend, active_deadline_seconds=self.active_deadline_seconds,
+            budget_joules=self.budget_joules, on_budget_exceeded=self.on_budget_exceeded,
+        )
+
 
 @dataclass
 class _Draft:
@@ -504,6 +518,174 @@ class _Draft:
         for pod in pods:
             if not pod.terminating and pod.name not in self.delete:
                 self.delete.append(pod.name)
+
+
+
+# ------------------------------------------------------------------------------------------- gang verdict
+@dataclass(frozen=True)
+class GangPolicy:
+    """The spec fields that decide a gang's phase. The operator reads them from the job (``_JobFacts``);
+    ``jestctl run`` from the same job, with ``suspend`` standing for its stop request (Ctrl-C, SIGTERM)."""
+
+    name: str
+    num_nodes: int
+    backoff_limit: int
+    total_steps: int | None = None
+    suspend: bool = False
+    active_deadline_seconds: float | None = None
+    budget_joules: float | None = None
+    on_budget_exceeded: str = "Warn"
+
+
+@dataclass(frozen=True)
+class GangObservation:
+    """What is known about the current attempt of a gang, whoever runs it.
+
+    ``pods``: the attempt's pods (those being deleted included: an eviction is seen on a terminating pod);
+    ``progress``: what the trainer reported with this observation (not an older status, so a clean exit is
+    judged by the exited trainer's own last word: its termination message, or ``jestctl``'s progress file);
+    ``restarts`` / ``disruptions``: gang restarts so far, and how many of them were evictions (not counted
+    against ``backoffLimit``); ``active_seconds``: time active since the start or the last resume;
+    ``energy_joules``: the job's energy so far; ``was_running``: whether every pod had been running (a pod
+    missing from a running gang vanished; from a starting one it is merely not created yet).
+    """
+
+    pods: tuple[ObservedPod, ...]
+    progress: TrainerProgress | None = None
+    restarts: int = 0
+    disruptions: int = 0
+    active_seconds: float = 0.0
+    energy_joules: float | None = None
+    was_running: bool = False
+
+
+@dataclass(frozen=True)
+class GangVerdict:
+    """The phase a gang attempt leads to, and why.
+
+    ``phase``: Running or Pending (nothing to do), Succeeded, Suspended or Failed (stop the workers), or
+    Restarting (stop the workers, start attempt+1 from the newest checkpoint). ``reason`` is one of
+    :data:`REASONS` (for Restarting: PodFailed, PodMissing or PodDisrupted). ``message`` is the sentence
+    for the condition; ``detail`` says what went wrong without what is done about it (failures only);
+    ``culprit`` is the pod blamed, if any.
+    """
+
+    phase: str
+    reason: str
+    message: str
+    detail: str = ""
+    culprit: ObservedPod | None = None
+
+
+def stopped_early(progress: TrainerProgress | None, total_steps: int | None) -> bool:
+    """Whether the trainer's report says it stopped before its last step (``total_steps`` unless it says).
+
+    Without a step the question cannot be answered and the exit code alone decides (False).
+    """
+    if progress is None or progress.step is None:
+        return False
+    total = progress.total_steps if progress.total_steps is not None else total_steps
+    return total is not None and progress.step < total
+
+
+def _seconds(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def judge_gang(policy: GangPolicy, seen: GangObservation) -> GangVerdict:
+    """The one gang state machine: the phase of a gang attempt for what was observed (pure).
+
+    The operator (:func:`plan`) and ``jestctl run`` (``jest_operator.local.GangRunner``) both ask it, each
+    with its own observations turned into :class:`ObservedPod` and :class:`TrainerProgress`, so the same
+    facts give the same phase whether a cluster or a laptop runs the gang. In order of precedence:
+
+    1. **Succeeded**: rank 0 exited 0 at its last step and no pod of the attempt failed or was disrupted.
+    2. **Suspended**: the energy budget is spent with ``onBudgetExceeded: Suspend``, or suspension is
+       requested (``spec.runPolicy.suspend``; ``jestctl``'s Ctrl-C/SIGTERM): the trainer checkpoints on the
+       SIGTERM that follows and exits 0.
+    3. **Failed**: ``activeDeadlineSeconds`` passed (DeadlineExceeded); the budget is spent with ``Fail``.
+    4. **Restarting** (PodDisrupted): a pod was evicted or preempted; never counted against backoffLimit.
+    5. **Failed** (NonRetryableError): a worker exited with a code of
+       :data:`jest_trainer.exit_codes.NON_RETRYABLE_EXIT_CODES`; the same inputs would fail again.
+    6. **Restarting**, or **Failed** (BackoffLimitExceeded) once ``restarts - disruptions`` reaches
+       ``backoffLimit``: a worker failed (PodFailed), a pod vanished from a running gang (PodMissing), or
+       rank 0 exited 0 *before its last step* without a suspension (PodFailed, see below).
+    7. Otherwise **Running** when every pod runs, else **Pending**.
+
+    An early clean exit: the trainer exits 0 before its last step only after a stop request (SIGTERM),
+    having checkpointed. When the gang's controller asked (a suspension), the job is Suspended by rule 2.
+    Otherwise the stop came from outside (a ``kill`` of a local worker, a pod deleted or its node shut down
+    without an eviction condition): calling that Succeeded would report an unfinished model as trained, and
+    calling it Suspended would park a job nobody suspended. So the gang restarts from that checkpoint, the
+    way a vanished pod restarts it, and the restart counts against ``backoffLimit`` (nothing proves it was
+    a disruption, and a trainer that keeps stopping early must not restart forever). "Before its last
+    step" is read from ``seen.progress``; without a step, exit 0 means Succeeded.
+    """
+    current = [p for p in seen.pods if not p.terminating]
+    disrupted = [p for p in seen.pods if p.disruption is not None]
+    failed = [p for p in current if p.phase == "Failed"]
+    rank0 = next((p for p in current if p.index == 0), None)
+    rank0_exited_clean = rank0 is not None and rank0.phase == "Succeeded"
+    early = rank0_exited_clean and stopped_early(seen.progress, policy.total_steps)
+    if rank0_exited_clean and not early and not failed and not disrupted:
+        return GangVerdict(PHASE_SUCCEEDED, REASON_SUCCEEDED, "rank 0 finished training")
+
+    budget = policy.budget_joules
+    budget_spent = budget is not None and float(seen.energy_joules or 0.0) >= float(budget)
+    if budget_spent and policy.on_budget_exceeded == "Suspend":
+        return GangVerdict(PHASE_SUSPENDED, REASON_ENERGY_BUDGET_EXCEEDED,
+                           f"energy budget of {budget:.6g} J is spent; the workers are stopped after a checkpoint")
+    if policy.suspend:
+        return GangVerdict(PHASE_SUSPENDED, REASON_SUSPENDED,
+                           "suspension requested; the workers are stopped after a checkpoint")
+    deadline = policy.active_deadline_seconds
+    if deadline is not None and seen.active_seconds >= deadline:
+        return GangVerdict(PHASE_FAILED, REASON_DEADLINE_EXCEEDED,
+                           f"the job was active longer than activeDeadlineSeconds ({_seconds(deadline)} s)")
+    if budget_spent and policy.on_budget_exceeded == "Fail":
+        return GangVerdict(PHASE_FAILED, REASON_ENERGY_BUDGET_EXCEEDED, f"energy budget of {budget:.6g} J is spent")
+
+    if disrupted:
+        culprit = disrupted[0]
+        detail = f"pod {culprit.name} (rank {culprit.index}) was evicted or preempted ({culprit.disruption})"
+        return GangVerdict(PHASE_RESTARTING, REASON_POD_DISRUPTED, f"{detail}; restarting the gang from its checkpoint",
+                           detail=detail, culprit=culprit)
+
+    non_retryable = [p for p in failed if p.exit_code in NON_RETRYABLE_EXIT_CODES]
+    culprit = (non_retryable or failed or [None])[0]
+    reason, detail = REASON_POD_FAILED, ""
+    if culprit is not None:
+        why = ": ".join(x for x in (culprit.reason, culprit.message) if x) or "no reason given"
+        detail = f"pod {culprit.name} (rank {culprit.index}) failed: {why}"
+    elif early and rank0 is not None and seen.progress is not None:
+        culprit = rank0
+        total = seen.progress.total_steps if seen.progress.total_steps is not None else policy.total_steps
+        detail = (f"pod {rank0.name} (rank 0) exited 0 at step {seen.progress.step} of {total}, before the last "
+                  "step, without a suspension (stopped from outside, e.g. SIGTERM)")
+    if non_retryable and culprit is not None:
+        return GangVerdict(PHASE_FAILED, REASON_NON_RETRYABLE_ERROR,
+                           f"{detail} (exit code {culprit.exit_code}: an error the same inputs raise again; "
+                           "not retried)", detail=detail, culprit=culprit)
+    present = {p.index for p in current}
+    missing = [i for i in range(policy.num_nodes) if i not in present]
+    if seen.was_running and missing:
+        reason = REASON_POD_MISSING
+        detail = f"pod {policy.name}-node-{missing[0]} (rank {missing[0]}) disappeared while the gang ran"
+        culprit = None
+    if detail:
+        failures = seen.restarts - seen.disruptions
+        if failures >= policy.backoff_limit:
+            return GangVerdict(PHASE_FAILED, REASON_BACKOFF_LIMIT_EXCEEDED,
+                               f"{detail}; backoffLimit ({policy.backoff_limit}) reached", detail=detail,
+                               culprit=culprit)
+        return GangVerdict(PHASE_RESTARTING, reason,
+                           f"{detail}; restarting the gang (failure {failures + 1} of backoffLimit "
+                           f"{policy.backoff_limit})", detail=detail, culprit=culprit)
+
+    running = [p for p in current if p.phase == "Running"]
+    if len(running) == policy.num_nodes:
+        return GangVerdict(PHASE_RUNNING, REASON_ALL_PODS_RUNNING, f"all {policy.num_nodes} worker pod(s) are running")
+    return GangVerdict(PHASE_PENDING, REASON_PODS_PENDING, f"{len(running)} of {policy.num_nodes} pod(s) running")
 
 
 def plan(
@@ -565,25 +747,22 @@ def plan(
         return _finished(draft, facts, pods)
 
     _energy_events(draft, facts, previous)
-    budget_spent = facts.budget_joules is not None and float(
-        (status.get("energy") or {}).get("joules") or 0.0
-    ) >= float(facts.budget_joules)
-
-    disrupted = [p for p in gang if p.disruption is not None]
-    rank0 = next((p for p in current if p.index == 0), None)
-    failed = [p for p in current if p.phase == "Failed"]
-    if rank0 is not None and rank0.phase == "Succeeded" and not failed and not disrupted:
-        return _finish(draft, facts, pods, PHASE_SUCCEEDED, REASON_SUCCEEDED, "rank 0 finished training")
-
-    spec_patch: dict[str, Any] | None = None
-    suspend_reason = REASON_SUSPENDED
-    if budget_spent and facts.on_budget_exceeded == "Suspend":
+    started = parse_time(status.get("startTime"))
+    verdict = judge_gang(facts.policy(), GangObservation(
+        pods=tuple(gang),
+        progress=progress,
+        restarts=attempt,
+        disruptions=int(status.get("disruptions") or 0),
+        active_seconds=0.0 if started is None else (now - started).total_seconds(),
+        energy_joules=float((status.get("energy") or {}).get("joules") or 0.0),
+        was_running=phase == PHASE_RUNNING,
+    ))
+    if verdict.phase == PHASE_SUCCEEDED:
+        return _finish(draft, facts, pods, PHASE_SUCCEEDED, verdict.reason, verdict.message)
+    if verdict.phase == PHASE_SUSPENDED:
         # level-based: also when the spec patch already landed but the status write did not (a 409 re-plan)
-        suspend_reason = REASON_ENERGY_BUDGET_EXCEEDED
-        if not facts.suspend:
-            spec_patch = {"runPolicy": {"suspend": True}}
-    if facts.suspend or spec_patch is not None:
-        return _suspend(draft, live, suspend_reason, spec_patch)
+        budget_patch = verdict.reason == REASON_ENERGY_BUDGET_EXCEEDED and not facts.suspend
+        return _suspend(draft, live, verdict.reason, {"runPolicy": {"suspend": True}} if budget_patch else None)
     if phase == PHASE_SUSPENDED:
         draft.condition("Suspended", False, REASON_RESUMED, "the job was resumed")
         draft.event("Normal", REASON_RESUMED, "resumed; recreating the worker pods")
@@ -591,56 +770,29 @@ def plan(
 
     if "startTime" not in status:
         status["startTime"] = format_time(now)
-    if facts.active_deadline_seconds is not None:
-        started = parse_time(status.get("startTime")) or now
-        if (now - started).total_seconds() >= facts.active_deadline_seconds:
-            message = f"the job was active longer than activeDeadlineSeconds ({facts.active_deadline_seconds} s)"
-            draft.delete_pods(p for p in live if p.phase in ("Pending", "Running", "Unknown"))
-            return _finish(draft, facts, pods, PHASE_FAILED, REASON_DEADLINE_EXCEEDED, message)
-    if budget_spent and facts.on_budget_exceeded == "Fail":
-        message = f"energy budget of {facts.budget_joules:.6g} J is spent"
+    if verdict.reason in (REASON_DEADLINE_EXCEEDED, REASON_ENERGY_BUDGET_EXCEEDED):
+        # the limit is about what the active pods spend: stop them whatever cleanPodPolicy says
         draft.delete_pods(p for p in live if p.phase in ("Pending", "Running", "Unknown"))
-        return _finish(draft, facts, pods, PHASE_FAILED, REASON_ENERGY_BUDGET_EXCEEDED, message)
-
-    if disrupted:
-        return _disruption_restart(draft, facts, live, disrupted[0])
-
-    present = {p.index for p in current}
-    missing = [i for i in range(facts.num_nodes) if i not in present]
-    non_retryable = [p for p in failed if p.exit_code in NON_RETRYABLE_EXIT_CODES]
-    culprit: ObservedPod | None = (non_retryable or failed or [None])[0]
-    failure_reason, failure_message = REASON_POD_FAILED, ""
-    if culprit is not None:
-        detail = ": ".join(x for x in (culprit.reason, culprit.message) if x) or "no reason given"
-        failure_message = f"pod {culprit.name} (rank {culprit.index}) failed: {detail}"
-    if non_retryable and culprit is not None:
-        message = (f"{failure_message} (exit code {culprit.exit_code}: an error the same inputs raise again; not "
-                   "retried)")
+        return _finish(draft, facts, pods, PHASE_FAILED, verdict.reason, verdict.message)
+    if verdict.reason == REASON_POD_DISRUPTED and verdict.culprit is not None:
+        return _disruption_restart(draft, facts, live, verdict.culprit)
+    if verdict.phase == PHASE_FAILED:
         draft.delete_pods(stale)
-        return _finish(draft, facts, pods, PHASE_FAILED, REASON_NON_RETRYABLE_ERROR, message)
-    elif phase == PHASE_RUNNING and missing:
-        failure_reason = REASON_POD_MISSING
-        failure_message = f"pod {facts.name}-node-{missing[0]} (rank {missing[0]}) disappeared while the gang ran"
-    if failure_message:
-        restarts = int(status.get("restarts") or 0)
-        failures = restarts - int(status.get("disruptions") or 0)
-        if failures >= facts.backoff_limit:
-            message = f"{failure_message}; backoffLimit ({facts.backoff_limit}) reached"
-            draft.delete_pods(stale)
-            return _finish(draft, facts, pods, PHASE_FAILED, REASON_BACKOFF_LIMIT_EXCEEDED, message)
+        return _finish(draft, facts, pods, PHASE_FAILED, verdict.reason, verdict.message)
+    if verdict.phase == PHASE_RESTARTING:
         draft.delete_pods(live)
-        status["restarts"] = restarts + 1
+        status["restarts"] = attempt + 1
         status["phase"] = PHASE_RESTARTING
-        message = (f"{failure_message}; restarting the gang (failure {failures + 1} of backoffLimit "
-                   f"{facts.backoff_limit})")
-        draft.condition("Restarting", True, failure_reason, message)
-        draft.condition("Running", False, REASON_RESTARTING, message)
-        draft.event("Warning", REASON_RESTARTING, message)
+        draft.condition("Restarting", True, verdict.reason, verdict.message)
+        draft.condition("Running", False, REASON_RESTARTING, verdict.message)
+        draft.event("Warning", REASON_RESTARTING, verdict.message)
         return _result(draft, spec_patch=None, restarted=True)
 
     # Normal progress: drop stale pods, bring the ConfigMap/Service to the desired state, and create the
     # missing pods once no other pod holds any of the gang's names.
     draft.delete_pods(stale)
+    present = {p.index for p in current}
+    missing = [i for i in range(facts.num_nodes) if i not in present]
     desired = build_children(job, attempt=attempt)
     blockers = _reconcile_children(draft, facts, desired, existing_children)
     gang_names = {str((c.get("metadata") or {}).get("name")) for c in desired if c.get("kind") == "Pod"}
@@ -662,19 +814,18 @@ def plan(
         draft.condition("Created", True, REASON_CREATED, f"created {created_pods} worker pod(s)")
         draft.event("Normal", REASON_CREATED, f"created {created_pods} worker pod(s) for attempt {attempt}")
 
-    running = [p for p in current if p.phase == "Running"]
-    if len(running) == facts.num_nodes:
+    if verdict.phase == PHASE_RUNNING:
         status["phase"] = PHASE_RUNNING
-        message = f"all {facts.num_nodes} worker pod(s) are running"
         if not condition_is_true(status, "Running"):
-            draft.event("Normal", REASON_ALL_PODS_RUNNING, message)
-        draft.condition("Running", True, REASON_ALL_PODS_RUNNING, message)
+            draft.event("Normal", verdict.reason, verdict.message)
+        draft.condition("Running", True, verdict.reason, verdict.message)
         if condition_is_true(status, "Restarting"):
             draft.condition("Restarting", False, REASON_RECOVERED, f"the gang runs again (attempt {attempt})")
     else:
+        # a gang being recreated stays Restarting until it runs again
         status["phase"] = PHASE_RESTARTING if phase == PHASE_RESTARTING else PHASE_PENDING
         if status["phase"] == PHASE_PENDING:
-            draft.clear("Running", REASON_PODS_PENDING, f"{len(running)} of {facts.num_nodes} pod(s) running")
+            draft.clear("Running", verdict.reason, verdict.message)
     return _result(draft, spec_patch=None)
 
 

@@ -762,3 +762,25 @@ def test_deletion_grace(case: str, grace: int | None):
     result = results[case]()
     assert result.delete_pods, case
     assert result.delete_grace_seconds == grace
+
+
+# ---------------------------------------------------------------------------------------------- early clean exit
+def test_rank0_exiting_zero_before_the_last_step_restarts_the_gang_against_the_backoff_limit():
+    """The trainer exits 0 early only after a SIGTERM (it checkpointed); nobody suspended the job, so it was
+    stopped from outside: neither Succeeded (the model is not trained) nor Suspended (see judge_gang)."""
+    result = run(running_status(), [pod(0, "Succeeded"), pod(1, "Succeeded")],
+                 progress=TrainerProgress(step=40, total_steps=100))
+    assert result.status["phase"] == "Restarting" and result.restarted and result.status["restarts"] == 1
+    assert cond(result.status, "Restarting")["reason"] == "PodFailed"
+    assert "exited 0 at step 40 of 100, before the last step" in cond(result.status, "Restarting")["message"]
+    assert "Succeeded" not in reasons(result)
+
+
+def test_an_early_exit_is_judged_by_the_fresh_report_not_an_older_status():
+    """A step the status kept from an earlier scrape may be stale: without the exited trainer's own word
+    (its termination message) the exit code decides."""
+    status = running_status(progress={"step": 40, "totalSteps": 100})
+    result = run(status, [pod(0, "Succeeded"), pod(1, "Succeeded")], progress=None)
+    assert result.status["phase"] == "Succeeded"
+    final = run(status, [pod(0, "Succeeded"), pod(1, "Succeeded")], progress=TrainerProgress(step=100))
+    assert final.status["phase"] == "Succeeded"
