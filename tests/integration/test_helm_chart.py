@@ -16,13 +16,13 @@ import functools
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
 import tarfile
 import time
 import tomllib
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,9 @@ import pytest
 import requests
 import yaml
 from referencing import Registry, Resource
+
+from hack.devcluster.controlplane import ControlPlane
+from tests.integration.kube.realcluster import OperatorIdentity, apply_crds, chart_identity, new_namespace
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO_ROOT / "charts" / "jest-operator"
@@ -773,9 +776,14 @@ def test_notes_explain_the_next_steps(chart: helm_python.Chart, configuration: s
         assert "grafana.dashboards.enabled=true" in notes
 
 
-# ------------------------------------------------------ the rendered operator pod, run against an API
+# ------------------------------------------- the rendered operator pod, run against the real API server
+#
+# The session's real control plane (tests/kube_cluster.py: kube-apiserver + etcd + kube-controller-manager).
+# Each test installs a release of its own (unique name and namespace: the cluster is shared): the rendered
+# CRDs through plain `kubectl apply`, the rendered ServiceAccount and RBAC, and a token for that
+# ServiceAccount from the TokenRequest API. The rendered containers' commands then run as local processes
+# (what a kubelet would start) with that token, so RBAC checks every call they make.
 
-EMULATOR = REPO_ROOT / "tests" / "integration" / "kube" / "emulator.py"
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -807,93 +815,97 @@ def _peering_state(log: Path) -> str | None:
 
 
 @dataclass
-class ApiServer:
-    """The project's KMock-based API emulator (tests/integration/kube/emulator.py) plus a kubeconfig."""
+class Release:
+    """One release of the chart on the real control plane, under its own name and namespace."""
 
-    url: str
-    kubeconfig: Path
+    cp: ControlPlane
+    name: str
+    namespace: str
     workdir: Path
+    identity: OperatorIdentity | None = None
+
+    @property
+    def fullname(self) -> str:
+        return f"{self.name}-{CHART_DIR.name}"
+
+    def render(self, chart: helm_python.Chart, values: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Every object the chart renders for this release (NOTES.txt left out)."""
+        objects: list[dict[str, Any]] = []
+        for path, text in chart.render(dict(values), name=self.name, namespace=self.namespace).items():
+            if not path.endswith("NOTES.txt"):
+                objects.extend(doc for doc in yaml.load_all(text, Loader=yaml.CSafeLoader) if doc)
+        return objects
+
+    def install(self, objects: list[dict[str, Any]], *, can_i: tuple[tuple[str, ...], ...]) -> None:
+        """Apply the rendered CRDs (kubectl apply, validated by the server) and the rendered RBAC; mint the
+        ServiceAccount's token (TokenRequest) once ``can_i`` holds for it."""
+        apply_crds(self.cp, [o for o in objects if o["kind"] == "CustomResourceDefinition"])
+        self.identity = chart_identity(self.cp, self.workdir, objects, can_i=can_i)
 
     def get(self, path: str) -> dict[str, Any] | None:
-        response = requests.get(self.url + path, timeout=5)
-        return None if response.status_code == 404 else response.json()
-
-    def kubectl(self, *args: str, stdin: str | None = None) -> str:
-        kubectl = shutil.which("kubectl")
-        if kubectl is None:
-            pytest.fail("required tool 'kubectl' is not installed")
-        result = subprocess.run(
-            [kubectl, f"--kubeconfig={self.kubeconfig}", f"--cache-dir={self.workdir / 'kubectl-cache'}", *args],
-            input=stdin, capture_output=True, text=True, timeout=60, check=False,
-        )
-        assert result.returncode == 0, f"kubectl {args}: {result.stderr}"
-        return result.stdout
+        """GET as admin (the test's own look at the server); None on 404."""
+        status, payload = self.cp.api("GET", path)
+        if status == 404:
+            return None
+        assert status == 200, f"GET {path} -> {status}: {payload}"
+        return payload
 
     def environment(self) -> dict[str, str]:
-        """A container environment that reaches this API: the kubeconfig plus this venv's console scripts."""
+        """A container environment that reaches the API server as the chart's ServiceAccount, with this
+        venv's console scripts on PATH (the image's entry points)."""
+        assert self.identity is not None, "install() first"
         return {
             **os.environ,
-            "KUBECONFIG": str(self.kubeconfig),
+            "KUBECONFIG": str(self.identity.kubeconfig),
             "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
             "OMP_NUM_THREADS": "1",
             "PYTHONUNBUFFERED": "1",
         }
 
+    def container_env(self, container: dict[str, Any], pod_name: str) -> dict[str, str]:
+        """The container's env as the kubelet would set it (downward API: pod name and namespace)."""
+        env = self.environment()
+        for variable in container.get("env", []):
+            if "value" in variable:
+                env[variable["name"]] = variable["value"]
+            else:
+                field = variable["valueFrom"]["fieldRef"]["fieldPath"]
+                env[variable["name"]] = {"metadata.name": pod_name, "metadata.namespace": self.namespace}[field]
+        return env
+
 
 @pytest.fixture
-def api_server(tmp_path: Path, process_reaper: list[subprocess.Popen]) -> ApiServer:
-    (port,) = _free_ports(1)
-    log = (tmp_path / "emulator.log").open("w")
-    process_reaper.append(subprocess.Popen(
-        [sys.executable, str(EMULATOR), "--port", str(port), "--no-crd"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    ))
-    url = f"http://127.0.0.1:{port}"
-
-    def answers() -> bool:
-        try:
-            return requests.get(url + "/version", timeout=1).status_code == 200
-        except requests.RequestException:
-            return False
-
-    _wait_for(answers, "the API emulator", timeout=30)
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-        "clusters": [{"name": "emulator", "cluster": {"server": url}}],
-        "users": [{"name": "tester", "user": {"token": "not-checked"}}],
-        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "tester"}}],
-    }))
-    return ApiServer(url, kubeconfig, tmp_path)
+def release(control_plane: ControlPlane, tmp_path: Path) -> Iterator[Release]:
+    """A fresh release name and namespace; its cluster-scoped objects and namespaces are deleted afterwards."""
+    name = f"peer{uuid.uuid4().hex[:6]}"
+    installed = Release(control_plane, name, f"{name}-system", tmp_path)
+    yield installed
+    selector = f"app.kubernetes.io/instance={name}"
+    control_plane.kubectl("delete", "clusterrolebinding,clusterrole", "-l", selector, "--wait=false", check=False)
+    control_plane.kubectl("delete", "clusterkopfpeering", installed.fullname, "--ignore-not-found", "--wait=false",
+                          check=False)
+    control_plane.kubectl("delete", "namespace", "-l", f"jest.training/test-release={name}", "--wait=false",
+                          check=False)
 
 
-def _container_env(container: dict[str, Any], base: dict[str, str], pod_name: str) -> dict[str, str]:
-    """The container's env as the kubelet would set it (downward API: pod name and namespace)."""
-    env = dict(base)
-    for variable in container.get("env", []):
-        if "value" in variable:
-            env[variable["name"]] = variable["value"]
-        else:
-            field = variable["valueFrom"]["fieldRef"]["fieldPath"]
-            env[variable["name"]] = {"metadata.name": pod_name, "metadata.namespace": NAMESPACE}[field]
-    return env
-
-
-def _apply_rendered_crds(api: ApiServer, objects: list[dict[str, Any]]) -> None:
-    crds = [o for o in objects if o["kind"] == "CustomResourceDefinition"]
-    # The emulator serves no OpenAPI, so kubectl's client-side schema check is off (TESTING.md).
-    api.kubectl("apply", "--validate=false", "-f", "-", stdin=yaml.safe_dump_all(crds))
+def _label_namespaces(release: Release, namespaces: list[str]) -> None:
+    """Create (if needed) and label the namespaces of a release so the fixture removes them afterwards."""
+    for namespace in namespaces:
+        if release.cp.api("GET", f"/api/v1/namespaces/{namespace}")[0] == 404:
+            release.cp.kubectl("create", "namespace", namespace)
+        release.cp.kubectl("label", "--overwrite", "namespace", namespace, f"jest.training/test-release={release.name}")
 
 
 @pytest.mark.slow
-def test_peering_init_container_creates_the_peering_objects(
-    chart: helm_python.Chart, api_server: ApiServer
-) -> None:
-    """The rendered init container, run as is, creates each watched namespace's KopfPeering once."""
-    objects = render(chart, {"replicas": 2, "watchNamespaces": WATCHED})
-    _apply_rendered_crds(api_server, objects)
+def test_peering_init_container_creates_the_peering_objects(chart: helm_python.Chart, release: Release) -> None:
+    """The rendered init container, run as is with the chart's ServiceAccount, creates each watched namespace's
+    KopfPeering once (the namespaced install: its RBAC is a Role in each watched namespace)."""
+    watched = [f"{namespace}-{release.name}" for namespace in WATCHED]  # as many as the CI scenario, unique
+    objects = release.render(chart, {"replicas": 2, "watchNamespaces": watched})
+    _label_namespaces(release, [release.namespace, *watched])
+    release.install(objects, can_i=tuple(("create", "kopfpeerings.kopf.dev", "-n", ns) for ns in watched))
     (init,) = operator_deployment(objects)["spec"]["template"]["spec"]["initContainers"]
-    env = _container_env(init, api_server.environment(), "operator-0")
+    env = release.container_env(init, "operator-0")
     outputs = []
     for _ in range(2):  # a second replica's init container finds the objects (409 is success)
         result = subprocess.run(init["command"], env=env, capture_output=True, text=True, timeout=120, check=False)
@@ -901,44 +913,57 @@ def test_peering_init_container_creates_the_peering_objects(
         outputs.append(result.stdout.split())
     assert outputs[0].count("created") == len(WATCHED)
     assert outputs[1].count("found") == len(WATCHED)
-    for namespace in WATCHED:
-        peering = api_server.get(f"/apis/kopf.dev/v1/namespaces/{namespace}/kopfpeerings/{RELEASE}-jest-operator")
+    for namespace in watched:
+        peering = release.get(f"/apis/kopf.dev/v1/namespaces/{namespace}/kopfpeerings/{release.fullname}")
         assert peering is not None and peering["kind"] == "KopfPeering"
+    # The namespaced install grants nothing cluster-wide: the same script cannot create a ClusterKopfPeering.
+    cluster_wide = {key: value for key, value in env.items() if key != "JEST_PEERING_NAMESPACES"}
+    refused = subprocess.run(init["command"], env=cluster_wide, capture_output=True, text=True, timeout=120,
+                             check=False)
+    assert refused.returncode != 0 and "403" in refused.stderr, refused.stderr
 
 
 @pytest.mark.slow
 def test_rendered_operator_pods_form_a_working_peering_group(
-    chart: helm_python.Chart, api_server: ApiServer, process_reaper: list[subprocess.Popen]
+    chart: helm_python.Chart, release: Release, process_reaper: list[subprocess.Popen]
 ) -> None:
-    """Two replicas of the rendered operator pod against a real API: both live and serve metrics, exactly one
-    works (the higher random priority), and that one reconciles a job into its pods."""
+    """Two replicas of the rendered operator pod on the real API server, as the chart's ServiceAccount: both
+    live and serve metrics, exactly one works (the higher random priority), and that one reconciles a job
+    into its pods."""
     host_ports = _free_ports(4)
+    _label_namespaces(release, [release.namespace])
     replicas = []
     for index in range(2):
         # Each replica is its own "pod"; locally they share a host, so each gets its own ports via values.
         liveness_port, metrics_port = host_ports[index], host_ports[2 + index]
         values = {"replicas": 2, "livenessProbe": {"port": liveness_port}, "metrics": {"port": metrics_port}}
-        objects = render(chart, values)
+        objects = release.render(chart, values)
         if index == 0:
-            _apply_rendered_crds(api_server, objects)
+            release.install(objects, can_i=(("list", "jesttrainingjobs.jest.training", "-A"),
+                                            ("create", "clusterkopfpeerings.kopf.dev"),
+                                            ("patch", "clusterkopfpeerings.kopf.dev")))
         pod = operator_deployment(objects)["spec"]["template"]["spec"]
         name = f"operator-{index}"
         (init,) = pod["initContainers"]
-        subprocess.run(init["command"], env=_container_env(init, api_server.environment(), name),
+        subprocess.run(init["command"], env=release.container_env(init, name),
                        check=True, capture_output=True, timeout=120)
         container = operator_container(objects)
-        log_path = api_server.workdir / f"{name}.log"
-        process_reaper.append(subprocess.Popen(
-            [*container["command"], *container["args"]],
-            env=_container_env(container, api_server.environment(), name),
-            stdout=log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=api_server.workdir,
-        ))
+        log_path = release.workdir / f"{name}.log"
+        proc = subprocess.Popen(
+            [*container["command"], *container["args"]], env=release.container_env(container, name),
+            stdout=log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=release.workdir,
+        )
+        process_reaper.append(proc)
         probe = container["livenessProbe"]["httpGet"]
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        replicas.append((name, f"http://127.0.0.1:{ports[probe['port']]}{probe['path']}", ports["metrics"], log_path))
+        replicas.append((name, f"http://127.0.0.1:{ports[probe['port']]}{probe['path']}", ports["metrics"], log_path,
+                         proc))
 
-    for name, health_url, metrics_port, _ in replicas:
-        def healthy(url: str = health_url) -> bool:
+    for name, health_url, metrics_port, log_path, proc in replicas:
+        def healthy(url: str = health_url, name: str = name, proc: subprocess.Popen = proc,
+                    log_path: Path = log_path) -> bool:
+            if proc.poll() is not None:
+                pytest.fail(f"{name} exited ({proc.returncode}):\n{log_path.read_text(errors='replace')[-4000:]}")
             try:
                 return requests.get(url, timeout=1).status_code == 200
             except requests.RequestException:
@@ -948,35 +973,37 @@ def test_rendered_operator_pods_form_a_working_peering_group(
         metrics = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
         assert "jest_operator_reconcile_total" in metrics
 
-    peering_path = f"/apis/kopf.dev/v1/clusterkopfpeerings/{RELEASE}-jest-operator"
+    peering_path = f"/apis/kopf.dev/v1/clusterkopfpeerings/{release.fullname}"
     peers = _wait_for(
-        lambda: len((api_server.get(peering_path) or {}).get("status") or {}) == 2 and api_server.get(peering_path),
+        lambda: len((release.get(peering_path) or {}).get("status") or {}) == 2 and release.get(peering_path),
         "both replicas in the peering object",
     )["status"]
     priorities = {identity: peer["priority"] for identity, peer in peers.items()}
     assert set(priorities) == {"operator-0", "operator-1"}  # POD_ID names the replica
     assert len(set(priorities.values())) == 2, "equal priorities would pause both replicas"
-    logs = {name: log for name, _, _, log in replicas}
+    logs = {name: log for name, _, _, log, _ in replicas}
     active, standby = sorted(priorities, key=priorities.__getitem__, reverse=True)
     # Kopf starts a peered replica paused and logs each switch; the last switch is the current state.
     _wait_for(lambda: _peering_state(logs[active]) == "active", f"{active} (highest priority) to resume")
     time.sleep(2)
     assert _peering_state(logs[standby]) in (None, "paused"), f"{standby} works although {active} outranks it"
 
+    # The job's namespace: a node agent started by other tests of the session leaves it alone (pods stay
+    # Pending, so the pod count below is the operator's doing only).
+    jobs = new_namespace(release.cp, "peered")
+    _label_namespaces(release, [jobs.namespace])
+    release.cp.kubectl("label", "namespace", jobs.namespace, "jest.training/node-agent=off")
     manifest = yaml.safe_load((REPO_ROOT / "examples" / "quickstart.yaml").read_text())
-    manifest["metadata"]["namespace"] = "default"
+    manifest["metadata"]["namespace"] = jobs.namespace
     job_name = manifest["metadata"]["name"]
-    response = requests.post(f"{api_server.url}/apis/jest.training/v1alpha1/namespaces/default/jesttrainingjobs",
-                             json=manifest, timeout=5)
-    assert response.status_code == 201, response.text
-    selector = f"jest.training/job-name%3D{job_name}"
-    pods = _wait_for(
-        lambda: (api_server.get(f"/api/v1/namespaces/default/pods?labelSelector={selector}") or {}).get("items"),
-        "the active replica to create the job's pods",
-    )
+    job = jobs.create_job(manifest)
+    pods = _wait_for(lambda: jobs.pods(job_name), "the active replica to create the job's pods")
     time.sleep(2)  # a second reconciler would now be creating duplicates
-    pods = api_server.get(f"/api/v1/namespaces/default/pods?labelSelector={selector}")["items"]
+    pods = jobs.pods(job_name)
     assert len(pods) == manifest["spec"]["numNodes"]
+    for pod in pods:  # created as the chart's ServiceAccount, blockOwnerDeletion and all (RBAC + admission)
+        (owner,) = [ref for ref in pod["metadata"]["ownerReferences"] if ref.get("controller")]
+        assert owner["uid"] == job["metadata"]["uid"]
 
 
 # ------------------------------------------------------------------------------------- admission policy

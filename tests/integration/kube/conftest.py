@@ -1,6 +1,11 @@
-"""Operator test helpers: the KMock emulator (test_operator_emulator.py, e2e), kubectl, the real operator process.
+"""Operator test helpers: the real operator process, polling, and the KMock emulator for the two modules left on it.
 
-The real control plane's helpers are in realcluster.py.
+``start_operator``, ``stop_process``, ``wait_for`` and ``job_manifest`` serve the real-control-plane tests
+(test_operator.py, test_operator_control.py, tests/e2e/ via ``wait_for``); that cluster's own helpers are in
+realcluster.py. The emulator part (``start_emulator``, :class:`Cluster` and the helpers that take one) is used
+only by test_operator_emulator.py (garbage specs no real API server would store) and test_emulator.py (which
+proves each of emulator.py's workarounds is still needed and still works); bench/reconcile_scale.py starts
+emulator.py itself. Nothing in tests/e2e/ or the Helm chart tests uses KMock (docs/architecture.md says why).
 
 Every process is started in its own session and killed by process group, by PID, even when a test fails.
 """
@@ -220,30 +225,6 @@ def start_operator(cluster: Cluster | Path, tmp: Path, *, resync_seconds: float 
 def phase_of(cluster: Cluster, name: str) -> str | None:
     """The job's status.phase as the API server holds it (None before the operator wrote one)."""
     return ((cluster.job(name) or {}).get("status") or {}).get("phase")
-
-
-def wait_phase(cluster: Cluster, name: str, phase: str, timeout: float = 30) -> dict:
-    """Wait until the job reaches ``phase``; returns its status."""
-    wait_for(lambda: phase_of(cluster, name) == phase, timeout=timeout, what=f"{name} to be {phase}")
-    return cluster.job(name)["status"]
-
-
-def wait_pods(
-    cluster: Cluster, name: str, count: int, *, attempt: int | None = None, timeout: float = 30
-) -> list[dict]:
-    """Wait until the job has exactly ``count`` pods (all of ``attempt`` when given); returns them."""
-
-    def ready() -> list[dict] | None:
-        pods = cluster.pods(name)
-        if len(pods) != count:
-            return None
-        if attempt is not None and any(p["metadata"]["annotations"]["jest.training/attempt"] != str(attempt)
-                                       for p in pods):
-            return None
-        return pods or [{}]
-
-    found = wait_for(ready, timeout=timeout, what=f"{count} pods of {name} (attempt {attempt})")
-    return [] if found == [{}] else found
 
 
 @pytest.fixture(scope="module")

@@ -317,3 +317,47 @@ def restart_component(cp: ControlPlane, name: str, *, down_seconds: float = 2.0,
     wait_for(ready, timeout=timeout, interval=0.2, what=f"the API server ready again after restarting {name}")
     cp.write_state()
     return time.monotonic() - started
+
+
+def apply_crds(cp: ControlPlane, crds: list[dict], *, timeout: float = 60) -> None:
+    """Apply CRDs the way a user does (plain ``kubectl apply``, so kubectl checks them against the server's
+    OpenAPI; no ``--validate=false``) and wait until the API server serves each one (Established)."""
+    applied = cp.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(crds), check=False)
+    if applied.returncode != 0:
+        pytest.fail(f"the API server refused the CRDs:\n{applied.stdout}\n{applied.stderr}")
+
+    def established(name: str) -> bool:
+        _, crd = cp.api("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
+        conditions = ((crd if isinstance(crd, dict) else {}).get("status") or {}).get("conditions") or []
+        return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
+
+    for crd in crds:
+        name = crd["metadata"]["name"]
+        wait_for(lambda name=name: established(name), timeout=timeout, interval=0.2, what=f"CRD {name} Established")
+
+
+def chart_identity(cp: ControlPlane, workdir: Path, objects: list[dict], *,
+                   can_i: tuple[tuple[str, ...], ...]) -> OperatorIdentity:
+    """The ServiceAccount and RBAC of *any* rendered release (its own name, namespace and values, e.g. a
+    namespaced install), applied as rendered, with a token minted by the TokenRequest API.
+
+    Every namespace the objects live in is created first (a Role needs its namespace). ``can_i`` lists
+    ``kubectl auth can-i`` argument tuples that must answer yes for the ServiceAccount before this returns
+    (the authorizer's cache lags the apply).
+    """
+    chosen = [o for o in objects if o["kind"] in RBAC_KINDS]
+    for namespace in sorted({o["metadata"]["namespace"] for o in chosen if o["metadata"].get("namespace")}):
+        if cp.api("GET", f"/api/v1/namespaces/{namespace}")[0] == 404:
+            cp.kubectl("create", "namespace", namespace)
+    cp.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(chosen))
+    account = next(o for o in chosen if o["kind"] == "ServiceAccount")
+    name, namespace = account["metadata"]["name"], account["metadata"]["namespace"]
+    user = f"system:serviceaccount:{namespace}:{name}"
+    for args in can_i:
+        wait_for(lambda args=args: cp.kubectl("auth", "can-i", *args, f"--as={user}", check=False).returncode == 0,
+                 timeout=20, what=f"RBAC to let {user} {' '.join(args)}")
+    token = cp.kubectl("create", "token", name, "-n", namespace, "--duration=7200s").stdout.strip()
+    kubeconfig = workdir / f"{namespace}-{name}.kubeconfig"
+    kubeconfig.write_text(render_kubeconfig(cp.server, cp.ca_path.read_bytes(), name, token))
+    kubeconfig.chmod(0o600)
+    return OperatorIdentity(name, token, kubeconfig)
