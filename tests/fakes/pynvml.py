@@ -6,6 +6,11 @@ It mirrors the real bindings' behaviour that matters to callers: functions raise
 (``NVMLError(code)`` constructs the subclass, as in nvidia-ml-py); every device call before
 ``nvmlInit`` raises ``NVMLError_Uninitialized``; energy is an integer in millijoules and power an
 integer in milliwatts. Tests drive the hardware by mutating :class:`FakeGpu` fields.
+
+Boards are enumerated in the order given (NVML's PCI bus order); each has a UUID (``fake_uuid(index)``
+unless set), found by ``nvmlDeviceGetHandleByUUID`` (whole UUIDs only, ``NVMLError_NotFound`` otherwise,
+like the real library). ``mig_instances`` adds MIG instances to a board: reachable by their ``MIG-`` UUID
+only, with ``nvmlDeviceIsMigDeviceHandle`` true and no energy counter or power reading of their own.
 """
 
 from __future__ import annotations
@@ -17,14 +22,23 @@ NVML_SUCCESS = 0
 NVML_ERROR_UNINITIALIZED = 1
 NVML_ERROR_INVALID_ARGUMENT = 2
 NVML_ERROR_NOT_SUPPORTED = 3
+NVML_ERROR_NOT_FOUND = 6
 NVML_ERROR_LIBRARY_NOT_FOUND = 12
+NVML_ERROR_GPU_IS_LOST = 15
 
 _ERROR_NAMES = {
     NVML_ERROR_UNINITIALIZED: ("Uninitialized", "Uninitialized"),
     NVML_ERROR_INVALID_ARGUMENT: ("InvalidArgument", "Invalid Argument"),
     NVML_ERROR_NOT_SUPPORTED: ("NotSupported", "Not Supported"),
+    NVML_ERROR_NOT_FOUND: ("NotFound", "Not Found"),
     NVML_ERROR_LIBRARY_NOT_FOUND: ("LibraryNotFound", "NVML Shared Library Not Found"),
+    NVML_ERROR_GPU_IS_LOST: ("GpuIsLost", "GPU is lost"),
 }
+
+
+def fake_uuid(index: int) -> str:
+    """The UUID of the fake board at NVML index ``index`` when the test sets none."""
+    return f"GPU-{index:08x}-1111-2222-3333-444455556666"
 
 
 @dataclass
@@ -35,7 +49,19 @@ class FakeGpu:
     power_mw: int = 0
     supports_energy_counter: bool = True
     name: str = "NVIDIA Fake H100"
-    uuid: str = "GPU-00000000-0000-0000-0000-000000000000"
+    uuid: str = ""  # "" = fake_uuid(its index)
+    #: MIG instance UUIDs (``MIG-...``) carved out of this board.
+    mig_instances: tuple[str, ...] = ()
+    #: An NVML error code every energy/power read raises (e.g. NVML_ERROR_GPU_IS_LOST), or None.
+    fail_with: int | None = None
+
+
+@dataclass
+class _MigDevice:
+    """A MIG instance handle: it has a UUID and a parent, and no energy counter or power of its own."""
+
+    uuid: str
+    parent: FakeGpu
 
 
 def build_fake_pynvml(gpus: list[FakeGpu], *, library_present: bool = True) -> types.ModuleType:
@@ -47,6 +73,10 @@ def build_fake_pynvml(gpus: list[FakeGpu], *, library_present: bool = True) -> t
     module = types.ModuleType("pynvml")
     state = {"initialised": 0}
     calls: dict[str, int] = {}
+    for index, gpu in enumerate(gpus):
+        if not gpu.uuid:
+            gpu.uuid = fake_uuid(index)
+    mig_devices = [_MigDevice(uuid, gpu) for gpu in gpus for uuid in gpu.mig_instances]
 
     class NVMLError(Exception):
         """Base of every NVML error; ``NVMLError(code)`` returns the code's subclass."""
@@ -83,9 +113,17 @@ def build_fake_pynvml(gpus: list[FakeGpu], *, library_present: bool = True) -> t
 
     def device(handle: object) -> FakeGpu:
         require_init()
+        if isinstance(handle, _MigDevice):
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
         if not isinstance(handle, FakeGpu):
             raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
         return handle
+
+    def reading(handle: object) -> FakeGpu:
+        gpu = device(handle)
+        if gpu.fail_with is not None:
+            raise NVMLError(gpu.fail_with)
+        return gpu
 
     def nvmlInit() -> None:
         record("nvmlInit")
@@ -110,30 +148,48 @@ def build_fake_pynvml(gpus: list[FakeGpu], *, library_present: bool = True) -> t
             raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
         return gpus[index]
 
+    def nvmlDeviceGetHandleByUUID(uuid: str | bytes) -> FakeGpu | _MigDevice:
+        record("nvmlDeviceGetHandleByUUID")
+        require_init()
+        wanted = uuid.decode() if isinstance(uuid, bytes) else uuid
+        for handle in [*gpus, *mig_devices]:
+            if handle.uuid == wanted:
+                return handle
+        raise NVMLError(NVML_ERROR_NOT_FOUND)
+
+    def nvmlDeviceIsMigDeviceHandle(handle: object) -> int:
+        record("nvmlDeviceIsMigDeviceHandle")
+        require_init()
+        return int(isinstance(handle, _MigDevice))
+
     def nvmlDeviceGetTotalEnergyConsumption(handle: object) -> int:
         record("nvmlDeviceGetTotalEnergyConsumption")
-        gpu = device(handle)
+        gpu = reading(handle)
         if not gpu.supports_energy_counter:
             raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
         return int(gpu.energy_mj)
 
     def nvmlDeviceGetPowerUsage(handle: object) -> int:
         record("nvmlDeviceGetPowerUsage")
-        return int(device(handle).power_mw)
+        return int(reading(handle).power_mw)
 
     def nvmlDeviceGetName(handle: object) -> str:
         record("nvmlDeviceGetName")
-        return device(handle).name
+        require_init()
+        return handle.parent.name if isinstance(handle, _MigDevice) else device(handle).name
 
     def nvmlDeviceGetUUID(handle: object) -> str:
         record("nvmlDeviceGetUUID")
-        return device(handle).uuid
+        require_init()
+        return handle.uuid if isinstance(handle, _MigDevice) else device(handle).uuid
 
     for function in (
         nvmlInit,
         nvmlShutdown,
         nvmlDeviceGetCount,
         nvmlDeviceGetHandleByIndex,
+        nvmlDeviceGetHandleByUUID,
+        nvmlDeviceIsMigDeviceHandle,
         nvmlDeviceGetTotalEnergyConsumption,
         nvmlDeviceGetPowerUsage,
         nvmlDeviceGetName,

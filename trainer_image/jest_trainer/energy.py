@@ -18,6 +18,14 @@ calls into this module on its hot path and nothing here synchronises an accelera
 (:meth:`EnergyMeter.total_joules`, the Prometheus collector) only take a per-channel lock. The cost of
 sampling is itself measured (:meth:`EnergyMeter.sampling_seconds_total`).
 
+GPU identity: NVML enumerates boards in PCI bus order, while the CUDA device ``cuda:i`` a process uses is
+the i-th entry of ``CUDA_VISIBLE_DEVICES`` (integers, ``GPU-<uuid>`` or ``MIG-<uuid>``; unset = every board)
+in CUDA's order (``FASTEST_FIRST`` unless ``CUDA_DEVICE_ORDER=PCI_BUS_ID``). :func:`resolve_nvml_device`
+maps one to the other: UUID entries by ``nvmlDeviceGetHandleByUUID``, integers directly under
+``PCI_BUS_ID``, otherwise through the UUID torch reports for the device; every NVML channel records the
+board's UUID (``DeviceChannel.uuid``). A device it cannot identify for certain (an entry NVML does not
+know, a MIG instance, whose counters are the whole GPU's) is modelled, with the reason logged.
+
 Energy counts from sampler start; ``initial_joules`` carries the total restored from a checkpoint so a
 restarted worker continues its job total. Each rank meters its own devices, so the job total is the sum
 over ranks of :meth:`EnergyMeter.total_joules` — as long as the restored ``initial_joules`` of all ranks
@@ -25,16 +33,18 @@ sum to the previous job total (e.g. every rank restores its own figure, or rank 
 and the others 0), never when every rank restores the whole job total.
 
 This module imports neither torch nor pynvml at import time: pynvml (package ``nvidia-ml-py``) is loaded
-only when a CUDA meter is created, and can be injected (the tests use a faithful fake module).
+only when a CUDA meter is created, and can be injected (the tests use a faithful fake module); torch only
+when a CUDA device's UUID must be asked of it (:func:`torch_cuda_uuid`, injectable too).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -79,6 +89,8 @@ class EnergySample:
     method: str
     source: str
     scope: str = SCOPE_DEVICE
+    #: The physical board's NVML UUID (``GPU-...``) where one was identified, else "".
+    uuid: str = ""
 
 
 class DeviceChannel:
@@ -93,8 +105,9 @@ class DeviceChannel:
     source: str = SOURCE_MODELLED
     scope: str = SCOPE_DEVICE
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, uuid: str = "") -> None:
         self.device = device
+        self.uuid = uuid
         self.lock = threading.Lock()
         self.joules = 0.0
         self.watts = 0.0
@@ -150,7 +163,7 @@ class DeviceChannel:
     def sample(self) -> EnergySample:
         """A consistent snapshot of this device's totals."""
         with self.lock:
-            return EnergySample(self.device, self.joules, self.watts, self.method, self.source, self.scope)
+            return EnergySample(self.device, self.joules, self.watts, self.method, self.source, self.scope, self.uuid)
 
 
 class NvmlEnergyChannel(DeviceChannel):
@@ -159,8 +172,8 @@ class NvmlEnergyChannel(DeviceChannel):
     method = MEASURED
     source = SOURCE_NVML
 
-    def __init__(self, device: str, nvml: ModuleType, handle: Any) -> None:
-        super().__init__(device)
+    def __init__(self, device: str, nvml: ModuleType, handle: Any, uuid: str = "") -> None:
+        super().__init__(device, uuid)
         self._nvml = nvml
         self._handle = handle
         self._last_millijoules = 0
@@ -185,8 +198,8 @@ class NvmlPowerChannel(DeviceChannel):
     method = INTEGRATED
     source = SOURCE_NVML
 
-    def __init__(self, device: str, nvml: ModuleType, handle: Any) -> None:
-        super().__init__(device)
+    def __init__(self, device: str, nvml: ModuleType, handle: Any, uuid: str = "") -> None:
+        super().__init__(device, uuid)
         self._nvml = nvml
         self._handle = handle
 
@@ -412,21 +425,215 @@ def _nvml_is_not_supported(nvml: ModuleType, exc: BaseException) -> bool:
     return isinstance(exc, nvml.NVMLError) and getattr(exc, "value", None) == not_supported
 
 
-def _nvml_channels(nvml: ModuleType, device_indices: list[int]) -> list[DeviceChannel]:
-    """One channel per GPU: the energy counter where supported, else integrated power."""
-    channels: list[DeviceChannel] = []
-    for index in device_indices:
+class DeviceIdentityError(RuntimeError):
+    """The NVML board behind a CUDA device cannot be identified for certain (the message says why)."""
+
+
+#: ``CUDA_VISIBLE_DEVICES`` entries CUDA accepts: an index, or a (prefix of a) ``GPU-``/``MIG-`` UUID.
+_VISIBLE_ENTRY = re.compile(r"^(\d+|(?i:gpu|mig)-[0-9A-Za-z/-]+)$")
+
+
+def visible_devices(env: Mapping[str, str]) -> list[str] | None:
+    """``CUDA_VISIBLE_DEVICES`` as CUDA reads it: its entries up to the first invalid one; None when unset.
+
+    CUDA stops at the first entry it cannot parse (``0,2,-1,1`` shows devices 0 and 2), and an empty or
+    wholly invalid value hides every device.
+    """
+    raw = env.get("CUDA_VISIBLE_DEVICES")
+    if raw is None:
+        return None
+    entries: list[str] = []
+    for part in raw.split(","):
+        entry = part.strip()
+        if not _VISIBLE_ENTRY.match(entry):
+            break
+        entries.append(entry)
+    return entries
+
+
+def torch_cuda_uuid(index: int) -> str | None:
+    """The UUID torch reports for ``cuda:<index>`` (``torch.cuda.get_device_properties(i).uuid``), else None.
+
+    Imports torch lazily; None without CUDA, on a torch without the property, or on any error (the caller
+    then identifies the board another way or models it).
+    """
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    except Exception as exc:
+        LOG.debug("torch cannot report the UUID of cuda:%d: %s", index, exc)
+        return None
+    return str(uuid) if uuid is not None else None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _nvml_uuid(nvml: ModuleType, handle: Any) -> str:
+    return _text(nvml.nvmlDeviceGetUUID(handle))
+
+
+def _handle_by_uuid(nvml: ModuleType, uuid: str) -> Any:
+    """The handle of the board (or MIG instance) ``uuid`` names, whole or as a unique prefix like CUDA."""
+    try:
+        return nvml.nvmlDeviceGetHandleByUUID(uuid)
+    except Exception as exc:
+        if not isinstance(exc, nvml.NVMLError):
+            raise
+    matches = []
+    for index in range(int(nvml.nvmlDeviceGetCount())):
         handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        if _nvml_uuid(nvml, handle).lower().startswith(uuid.lower()):
+            matches.append(handle)
+    if len(matches) != 1:
+        found = "no board" if not matches else f"{len(matches)} boards"
+        raise DeviceIdentityError(f"{found} of this node has the UUID {uuid!r}")
+    return matches[0]
+
+
+def _handle_by_torch_uuid(nvml: ModuleType, uuid: str) -> Any:
+    """The handle for a UUID as torch prints it (no ``GPU-``/``MIG-`` prefix, or with one)."""
+    if uuid[:4].lower() in ("gpu-", "mig-"):
+        return _handle_by_uuid(nvml, uuid)
+    for prefix in ("GPU-", "MIG-"):  # torch prints the bare UUID; a MIG instance's is found (and refused) too
+        try:
+            return _handle_by_uuid(nvml, prefix + uuid)
+        except DeviceIdentityError:
+            continue
+    raise DeviceIdentityError(f"torch reports the UUID {uuid} for this device, which no NVML board of this node has")
+
+
+def _is_mig(nvml: ModuleType, handle: Any) -> bool:
+    probe = getattr(nvml, "nvmlDeviceIsMigDeviceHandle", None)
+    if probe is None:
+        return False
+    try:
+        return bool(probe(handle))
+    except Exception:
+        return False
+
+
+def resolve_nvml_device(
+    nvml: ModuleType,
+    cuda_index: int,
+    *,
+    env: Mapping[str, str],
+    cuda_uuid: Callable[[int], str | None] | None = torch_cuda_uuid,
+) -> tuple[Any, str, str]:
+    """The NVML handle, UUID and how it was found, of the board behind CUDA device ``cuda:<cuda_index>``.
+
+    ``cuda_index`` counts the devices this process sees (``torch.device("cuda", i)``). Its entry of
+    ``CUDA_VISIBLE_DEVICES`` (``env``; unset: the index itself) decides:
+
+    * a ``GPU-`` UUID (or unique prefix): ``nvmlDeviceGetHandleByUUID``;
+    * a ``MIG-`` identifier: refused (a MIG instance has no counter of its own: NVML reports the parent's);
+    * an integer with ``CUDA_DEVICE_ORDER=PCI_BUS_ID``: NVML's index (both enumerate by PCI bus id);
+    * an integer in CUDA's default ``FASTEST_FIRST`` order: the UUID ``cuda_uuid`` (torch) reports for the
+      device, looked up in NVML; without one, NVML's index where every board is the same model (the
+      order only differs between boards of different speed), else nothing certain.
+
+    Raises :class:`DeviceIdentityError` saying why when the board cannot be identified for certain.
+    """
+    entries = visible_devices(env)
+    if entries is None:
+        entry = str(cuda_index)
+    elif cuda_index < len(entries):
+        entry = entries[cuda_index]
+    else:
+        raise DeviceIdentityError(
+            f"cuda:{cuda_index} is not among CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')!r} "
+            f"({len(entries)} visible)"
+        )
+    lowered = entry.lower()
+    if lowered.startswith("mig-"):
+        raise DeviceIdentityError(
+            f"cuda:{cuda_index} is the MIG instance {entry}: NVML counts the whole GPU, shared with other instances"
+        )
+    if lowered.startswith("gpu-"):
+        handle, how = _handle_by_uuid(nvml, entry), "CUDA_VISIBLE_DEVICES UUID"
+    elif env.get("CUDA_DEVICE_ORDER", "").strip().upper() == "PCI_BUS_ID":
+        handle, how = _handle_by_index(nvml, int(entry)), "PCI bus order"
+    else:
+        uuid = cuda_uuid(cuda_index) if cuda_uuid is not None else None
+        if uuid:
+            handle, how = _handle_by_torch_uuid(nvml, uuid), "torch device UUID"
+        elif _identical_boards(nvml):
+            # FASTEST_FIRST ranks boards by a speed estimate: identical boards keep their PCI order
+            handle, how = _handle_by_index(nvml, int(entry)), "identical boards, CUDA order taken as PCI order"
+        else:
+            raise DeviceIdentityError(
+                f"cuda:{cuda_index} (CUDA_VISIBLE_DEVICES entry {entry}) is numbered in CUDA's FASTEST_FIRST order, "
+                "which on this node of different boards need not be NVML's PCI order, and torch reported no UUID "
+                "for it; set CUDA_DEVICE_ORDER=PCI_BUS_ID or list GPU UUIDs in CUDA_VISIBLE_DEVICES"
+            )
+    if _is_mig(nvml, handle):
+        raise DeviceIdentityError(
+            f"cuda:{cuda_index} is a MIG instance: NVML counts the whole GPU, shared with other instances"
+        )
+    return handle, _nvml_uuid(nvml, handle), how
+
+
+def _identical_boards(nvml: ModuleType) -> bool:
+    """Whether every NVML board of this node is the same model (one board counts as identical)."""
+    try:
+        names = {_text(nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByIndex(index)))
+                 for index in range(int(nvml.nvmlDeviceGetCount()))}
+    except Exception as exc:
+        LOG.debug("cannot read the NVML board names: %s", exc)
+        return False
+    return len(names) <= 1
+
+
+def _handle_by_index(nvml: ModuleType, index: int) -> Any:
+    try:
+        return nvml.nvmlDeviceGetHandleByIndex(index)
+    except Exception as exc:
+        if not isinstance(exc, nvml.NVMLError):
+            raise
+        count = int(nvml.nvmlDeviceGetCount())
+        raise DeviceIdentityError(f"NVML has no board {index} (it sees {count}): {exc}") from exc
+
+
+def _nvml_channel(nvml: ModuleType, label: str, handle: Any, uuid: str) -> DeviceChannel:
+    """The energy counter where the board has one, else its power integrated over time."""
+    try:
+        nvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+    except Exception as exc:
+        if not _nvml_is_not_supported(nvml, exc):
+            raise
+        return NvmlPowerChannel(label, nvml, handle, uuid)
+    return NvmlEnergyChannel(label, nvml, handle, uuid)
+
+
+def _nvml_channels(
+    nvml: ModuleType,
+    device_indices: list[int],
+    *,
+    env: Mapping[str, str],
+    cuda_uuid: Callable[[int], str | None] | None,
+) -> tuple[list[DeviceChannel], dict[int, str]]:
+    """One NVML channel per identified GPU; the devices that could not be identified, with the reason."""
+    channels: list[DeviceChannel] = []
+    unidentified: dict[int, str] = {}
+    seen: dict[str, int] = {}
+    for index in device_indices:
         label = f"cuda:{index}"
         try:
-            nvml.nvmlDeviceGetTotalEnergyConsumption(handle)
-        except Exception as exc:
-            if not _nvml_is_not_supported(nvml, exc):
-                raise
-            channels.append(NvmlPowerChannel(label, nvml, handle))
-        else:
-            channels.append(NvmlEnergyChannel(label, nvml, handle))
-    return channels
+            handle, uuid, how = resolve_nvml_device(nvml, index, env=env, cuda_uuid=cuda_uuid)
+        except (DeviceIdentityError, nvml.NVMLError) as exc:
+            unidentified[index] = str(exc) if isinstance(exc, DeviceIdentityError) else f"NVML error: {exc}"
+            continue
+        if uuid in seen:  # two CUDA devices of this process on one board: meter it once
+            LOG.info("energy: %s is NVML board %s, already metered as cuda:%d", label, uuid, seen[uuid])
+            continue
+        seen[uuid] = index
+        LOG.info("energy: %s is NVML board %s (%s)", label, uuid, how)
+        channels.append(_nvml_channel(nvml, label, handle, uuid))
+    return channels, unidentified
 
 
 def _shutdown_nvml(nvml: ModuleType) -> Callable[[], None]:
@@ -449,13 +656,19 @@ def create_meter(
     interval_seconds: float = DEFAULT_INTERVAL_SECONDS,
     nvml: ModuleType | None = None,
     powercap_root: Path = DEFAULT_POWERCAP_ROOT,
+    env: Mapping[str, str] | None = None,
+    cuda_uuid: Callable[[int], str | None] | None = torch_cuda_uuid,
 ) -> EnergyMeter:
     """Choose the best energy backend for ``device_kind`` (or the one ``config.backend`` forces).
 
     ``device_kind`` is the torch device type of this worker (``cuda``, ``cpu``, ``xla``/``tpu``) and
-    ``device_indices`` the physical devices this process owns (one meter per device across the job, or
-    energy is counted twice). RAPL is node scope: only the process whose ``device_indices`` contain 0
-    meters it (two pods sharing one node would still both count it; RAPL suits one pod per node).
+    ``device_indices`` the devices this process owns (one meter per device across the job, or energy is
+    counted twice): for CUDA the indices torch uses (``cuda:<i>``), which :func:`resolve_nvml_device` maps
+    to NVML boards through ``env`` (default ``os.environ``: ``CUDA_VISIBLE_DEVICES``,
+    ``CUDA_DEVICE_ORDER``) and ``cuda_uuid`` (default: torch's device UUID); a device it cannot identify
+    is modelled, with the reason logged (``nvml`` forced: :class:`EnergyBackendUnavailableError`). RAPL
+    is node scope: only the process whose ``device_indices`` contain 0 meters it (two pods sharing one
+    node would still both count it; RAPL suits one pod per node).
     ``auto``: NVML for CUDA when it initialises, RAPL for CPU where readable, otherwise ``modelled``;
     TPUs are always modelled (no public power counter). Forcing ``nvml`` or ``rapl`` where unavailable
     raises :class:`EnergyBackendUnavailableError` naming ``energy.backend``. ``nvml`` and
@@ -477,17 +690,33 @@ def create_meter(
     if backend in ("nvml", "auto") and device_kind in _GPU_KINDS:
         module, why = load_nvml(nvml)
         if module is not None:
-            channels = _nvml_channels(module, device_indices)
-            return EnergyMeter(
-                channels,
-                method=weakest_method([channel.method for channel in channels]) if channels else MEASURED,
-                source=SOURCE_NVML,
-                on_stop=_shutdown_nvml(module),
-                **common,
+            channels, unidentified = _nvml_channels(
+                module, device_indices, env=os.environ if env is None else env, cuda_uuid=cuda_uuid
             )
-        if backend == "nvml":
-            raise EnergyBackendUnavailableError(f"energy.backend: 'nvml' is unavailable: {why}")
-        LOG.info("NVML unavailable (%s); GPU energy will be modelled", why)
+            reasons = "; ".join(unidentified.values())
+            if unidentified and backend == "nvml":
+                _shutdown_nvml(module)()
+                raise EnergyBackendUnavailableError(f"energy.backend: 'nvml' cannot meter this worker's GPU: {reasons}")
+            for index, reason in unidentified.items():
+                LOG.warning("energy: cuda:%d is modelled (energy.modelledWattsPerDevice), not measured: %s",
+                            index, reason)
+            if channels or not unidentified:
+                channels += [
+                    ModelledChannel(f"cuda:{index}", config.modelled_watts_per_device, utilisation)
+                    for index in unidentified
+                ]
+                return EnergyMeter(
+                    channels,
+                    method=weakest_method([channel.method for channel in channels]) if channels else MEASURED,
+                    source="+".join(sorted({channel.source for channel in channels})) or SOURCE_NVML,
+                    on_stop=_shutdown_nvml(module),
+                    **common,
+                )
+            _shutdown_nvml(module)()  # no board identified: the whole meter is modelled below
+        else:
+            if backend == "nvml":
+                raise EnergyBackendUnavailableError(f"energy.backend: 'nvml' is unavailable: {why}")
+            LOG.info("NVML unavailable (%s); GPU energy will be modelled", why)
 
     if backend == "rapl" or (backend == "auto" and device_kind == "cpu"):
         zones = rapl_zones(powercap_root)

@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,9 @@ PHASES: tuple[str, ...] = ("data", "selection", "forward_backward", "optimizer",
 STEP_TIME_SMOOTHING = 0.1
 #: Environment variable naming the pod's ``terminationMessagePath`` (unset: no termination message).
 TERMINATION_MESSAGE_PATH_ENV = "JEST_TERMINATION_MESSAGE_PATH"
-LOOP_METRIC_NAMES: tuple[str, ...] = ("jest_eval_retrieval_recall", "jest_data_samples_skipped_total")
+LOOP_METRIC_NAMES: tuple[str, ...] = (
+    "jest_eval_retrieval_recall", "jest_data_samples_skipped_total", "jest_accelerator_info",
+)
 
 
 def now_iso() -> str:
@@ -160,12 +162,15 @@ def progress_mode(env: Mapping[str, str]) -> str:
 
 
 class _LoopCollector(Collector):
-    """Series the loop adds to the rank's registry: retrieval recall and skipped samples (read at scrape)."""
+    """Series the loop adds to the rank's registry, read at scrape: retrieval recall, skipped samples, and
+    ``jest_accelerator_info{device, uuid, source}`` (1 per metered board whose UUID is known: join it on
+    ``device`` to name the physical GPU behind ``jest_accelerator_energy_joules_total``)."""
 
     def __init__(self, trainingjob: str, rank: int) -> None:
         self._base = [trainingjob, str(rank)]
         self.recall: dict[tuple[str, int], float] = {}
         self.skipped: Callable[[], Mapping[str, int]] = dict
+        self.energy_samples: Callable[[], Iterable[Any]] = list
 
     def describe(self) -> list[Metric]:
         return []
@@ -185,6 +190,33 @@ class _LoopCollector(Collector):
         for reason, count in sorted(self.skipped().items()):
             skipped.add_metric([*self._base, reason], float(count))
         yield skipped
+        boards = GaugeMetricFamily(
+            "jest_accelerator_info", "The physical board behind a metered device: its NVML UUID (value 1).",
+            labels=["trainingjob", "rank", "device", "uuid", "source"],
+        )
+        for sample in self.energy_samples():
+            if sample.uuid:
+                boards.add_metric([*self._base, sample.device, sample.uuid, sample.source], 1.0)
+        yield boards
+
+
+def metered_devices(ctx: DistContext, cuda_device_count: Callable[[], int] | None = None) -> list[int]:
+    """The devices this process's energy meter covers (``create_meter``'s ``device_indices``).
+
+    CUDA: the index of the device torch uses (``cuda:<i>``; the meter maps it to its NVML board through
+    ``CUDA_VISIBLE_DEVICES``), unless more local ranks than devices share the boards (``local_rank %
+    device_count``): then only local ranks below the device count meter one, so no board is counted twice.
+    Other devices: the local rank (RAPL is metered by local rank 0 alone; modelled devices one per rank).
+    """
+    if ctx.device.type != "cuda":
+        return [ctx.local_rank]
+    index = ctx.device.index if ctx.device.index is not None else torch.cuda.current_device()
+    count = (cuda_device_count or torch.cuda.device_count)()
+    if ctx.local_rank >= count:
+        log.info("local rank %d shares cuda:%d with local rank %d, which meters its energy",
+                 ctx.local_rank, index, ctx.local_rank % count if count else 0)
+        return []
+    return [index]
 
 
 class Telemetry:
@@ -211,11 +243,13 @@ class Telemetry:
         self.attempt = env_int(env, "JEST_ATTEMPT", 0)
         self.termination_message_path = env.get(TERMINATION_MESSAGE_PATH_ENV, "")
         self.meter = create_meter(
-            config.energy, device_kind=ctx.device.type, device_indices=[ctx.local_rank], initial_joules=restored_joules
+            config.energy, device_kind=ctx.device.type, device_indices=metered_devices(ctx),
+            initial_joules=restored_joules,
         )
         self.metrics = TrainerMetrics(trainingjob=env.get("JEST_JOB_NAME", "local"), rank=ctx.rank)
         self.metrics.attach_energy(self.meter)
         self.loop_series = _LoopCollector(self.metrics.trainingjob, ctx.rank)
+        self.loop_series.energy_samples = self.meter.samples
         self.metrics.registry.register(self.loop_series)
         self.reporter: Reporter | None = None
         self.smoothed_step = 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,11 @@ from jest_trainer.energy import (
     create_meter,
 )
 
-from tests.fakes.pynvml import FakeGpu, build_fake_pynvml
+from tests.fakes.pynvml import NVML_ERROR_GPU_IS_LOST, FakeGpu, build_fake_pynvml, fake_uuid
 from tests.fakes.sysfs import FakeRaplZone, build_powercap_tree, set_energy_uj
+
+#: NVML's and CUDA's enumeration agree: CUDA_VISIBLE_DEVICES integers are NVML indices.
+PCI_ORDER = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 
 
 def drive(meter: energy.EnergyMeter, now: float) -> None:
@@ -33,7 +37,7 @@ def drive(meter: energy.EnergyMeter, now: float) -> None:
 def test_nvml_energy_counter_is_measured_in_joules_per_device() -> None:
     gpus = [FakeGpu(energy_mj=5_000_000), FakeGpu(energy_mj=9_000_000)]
     nvml = build_fake_pynvml(gpus)
-    meter = create_meter(EnergyConfig(), device_kind="cuda", device_indices=[0, 1], nvml=nvml)
+    meter = create_meter(EnergyConfig(), device_kind="cuda", device_indices=[0, 1], nvml=nvml, env=PCI_ORDER)
 
     assert (meter.method, meter.source) == ("measured", "nvml")
     assert all(isinstance(channel, NvmlEnergyChannel) for channel in meter.channels)
@@ -53,7 +57,7 @@ def test_nvml_energy_counter_is_measured_in_joules_per_device() -> None:
 def test_nvml_counter_not_supported_falls_back_to_integrated_power() -> None:
     gpus = [FakeGpu(power_mw=200_000, supports_energy_counter=False)]
     nvml = build_fake_pynvml(gpus)
-    meter = create_meter(EnergyConfig(), device_kind="cuda", device_indices=[0], nvml=nvml)
+    meter = create_meter(EnergyConfig(), device_kind="cuda", device_indices=[0], nvml=nvml, env={})
 
     assert isinstance(meter.channels[0], NvmlPowerChannel)
     assert (meter.method, meter.source) == ("integrated", "nvml")
@@ -69,14 +73,15 @@ def test_nvml_counter_not_supported_falls_back_to_integrated_power() -> None:
 
 def test_mixed_boards_report_the_weakest_method() -> None:
     nvml = build_fake_pynvml([FakeGpu(), FakeGpu(supports_energy_counter=False)])
-    meter = create_meter(EnergyConfig(), device_kind="cuda", device_indices=[0, 1], nvml=nvml)
+    meter = create_meter(EnergyConfig(), device_kind="cuda", device_indices=[0, 1], nvml=nvml, env=PCI_ORDER)
     assert [channel.method for channel in meter.channels] == ["measured", "integrated"]
     assert meter.method == "integrated"
 
 
 def test_nvml_driver_reload_counter_reset_is_counted_not_negative() -> None:
     gpus = [FakeGpu(energy_mj=10_000_000)]
-    meter = create_meter(EnergyConfig(), device_kind="cuda", device_indices=[0], nvml=build_fake_pynvml(gpus))
+    meter = create_meter(EnergyConfig(), device_kind="cuda", device_indices=[0], nvml=build_fake_pynvml(gpus),
+                         env={})
     drive(meter, 0.0)
     gpus[0].energy_mj = 3_000  # counter restarted from zero, then 3 J
     drive(meter, 1.0)
@@ -86,7 +91,7 @@ def test_nvml_driver_reload_counter_reset_is_counted_not_negative() -> None:
 
 def test_nvml_without_driver_auto_falls_back_to_modelled() -> None:
     nvml = build_fake_pynvml([FakeGpu()], library_present=False)
-    meter = create_meter(EnergyConfig(), device_kind="cuda", device_indices=[0], nvml=nvml)
+    meter = create_meter(EnergyConfig(), device_kind="cuda", device_indices=[0], nvml=nvml, env={})
     assert (meter.method, meter.source) == ("modelled", "config:modelledWattsPerDevice")
     assert [sample.device for sample in meter.samples()] == ["cuda:0"]
 
@@ -100,15 +105,17 @@ def test_forced_nvml_without_driver_names_the_field() -> None:
 
 
 def test_nvml_unexpected_error_is_not_swallowed() -> None:
-    nvml = build_fake_pynvml([FakeGpu()])
-    with pytest.raises(nvml.NVMLError_InvalidArgument):
-        create_meter(EnergyConfig(), device_kind="cuda", device_indices=[3], nvml=nvml)
+    """A board that answers its energy probe with an error other than NOT_SUPPORTED is not quietly modelled."""
+    nvml = build_fake_pynvml([FakeGpu(fail_with=NVML_ERROR_GPU_IS_LOST)])
+    with pytest.raises(nvml.NVMLError_GpuIsLost):
+        create_meter(EnergyConfig(), device_kind="cuda", device_indices=[0], nvml=nvml, env={})
 
 
 def test_nvml_meter_samples_in_threads_and_shuts_nvml_down() -> None:
     gpus = [FakeGpu(energy_mj=0)]
     nvml = build_fake_pynvml(gpus)
-    meter = create_meter(EnergyConfig(), device_kind="cuda", device_indices=[0], nvml=nvml, interval_seconds=0.01)
+    meter = create_meter(EnergyConfig(), device_kind="cuda", device_indices=[0], nvml=nvml, interval_seconds=0.01,
+                         env={})
     meter.start()
     gpus[0].energy_mj = 42_000
     deadline = time.monotonic() + 5.0
@@ -119,6 +126,162 @@ def test_nvml_meter_samples_in_threads_and_shuts_nvml_down() -> None:
     assert nvml.calls["nvmlDeviceGetTotalEnergyConsumption"] >= 3
     assert not nvml.is_initialised()
     assert meter.sampling_seconds_total() > 0.0
+
+
+# --- which board: CUDA_VISIBLE_DEVICES, CUDA's device order and UUIDs -----------------------------------
+
+
+def four_boards(**overrides: object) -> list[FakeGpu]:
+    """Four boards in NVML (PCI) order with distinct counters, so a reading says which board was read."""
+    return [FakeGpu(energy_mj=1_000_000 * (index + 1), **overrides) for index in range(4)]  # type: ignore[arg-type]
+
+
+def torch_uuids(physical: dict[int, int]) -> Callable[[int], str | None]:
+    """What ``torch.cuda.get_device_properties(i).uuid`` prints: the bare UUID of the board behind cuda:i."""
+    return lambda index: fake_uuid(physical[index]).removeprefix("GPU-") if index in physical else None
+
+
+def meter_one(cuda_index: int, env: dict[str, str], gpus: list[FakeGpu], *,
+              cuda_uuid: Callable[[int], str | None] | None = None, backend: str = "auto") -> energy.EnergyMeter:
+    return create_meter(EnergyConfig(backend=backend), device_kind="cuda", device_indices=[cuda_index],
+                        nvml=build_fake_pynvml(gpus), env=env, cuda_uuid=cuda_uuid)
+
+
+def read_board(meter: energy.EnergyMeter, gpus: list[FakeGpu]) -> int:
+    """Which physical board the meter's one channel reads: add a different amount to each and look."""
+    drive(meter, 0.0)
+    for index, gpu in enumerate(gpus):
+        gpu.energy_mj += 1000 * (index + 1)  # board i: (i + 1) J
+    drive(meter, 1.0)
+    return round(meter.total_joules()) - 1
+
+
+def test_visible_devices_stop_at_the_first_invalid_entry_like_cuda() -> None:
+    assert energy.visible_devices({}) is None
+    assert energy.visible_devices({"CUDA_VISIBLE_DEVICES": "2, 3"}) == ["2", "3"]
+    assert energy.visible_devices({"CUDA_VISIBLE_DEVICES": "0,2,-1,1"}) == ["0", "2"]
+    assert energy.visible_devices({"CUDA_VISIBLE_DEVICES": ""}) == []
+    assert energy.visible_devices({"CUDA_VISIBLE_DEVICES": "GPU-ab12,MIG-GPU-ab12/1/0"}) == ["GPU-ab12",
+                                                                                          "MIG-GPU-ab12/1/0"]
+
+
+def test_visible_integers_in_pci_order_map_to_nvml_indices() -> None:
+    """CUDA_VISIBLE_DEVICES=2,3 and local rank 1 (cuda:1): physical GPU 3."""
+    gpus = four_boards()
+    meter = meter_one(1, {"CUDA_VISIBLE_DEVICES": "2,3", **PCI_ORDER}, gpus)
+    (sample,) = meter.samples()
+    assert (sample.device, sample.uuid, sample.method, sample.source) == ("cuda:1", fake_uuid(3), "measured", "nvml")
+    assert read_board(meter, gpus) == 3
+
+
+def test_fastest_first_order_is_resolved_through_the_uuid_torch_reports() -> None:
+    """Default order: the integers count CUDA's FASTEST_FIRST enumeration, so ask torch which board it is."""
+    gpus = [FakeGpu(name="NVIDIA Fake T4"), FakeGpu(name="NVIDIA Fake T4"), FakeGpu(), FakeGpu()]
+    # CUDA ranks the two fast boards first: its device 2 is NVML's 0 and its device 3 is NVML's 1
+    torch_order = {0: 2, 1: 3, 2: 0, 3: 1}
+    visible = {"CUDA_VISIBLE_DEVICES": "2,3"}  # CUDA's devices 2 and 3 become cuda:0 and cuda:1
+    meter = meter_one(1, visible, gpus, cuda_uuid=torch_uuids({0: torch_order[2], 1: torch_order[3]}))
+    assert meter.samples()[0].uuid == fake_uuid(1)
+    assert read_board(meter, gpus) == 1
+
+
+def test_fastest_first_without_torch_uuid_on_mixed_boards_is_modelled_with_the_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gpus = [FakeGpu(name="NVIDIA Fake T4"), FakeGpu(), FakeGpu(), FakeGpu()]
+    with caplog.at_level("WARNING", logger="jest_trainer.energy"):
+        meter = meter_one(1, {"CUDA_VISIBLE_DEVICES": "2,3"}, gpus)
+    assert (meter.method, meter.source) == ("modelled", "config:modelledWattsPerDevice")
+    assert [(s.device, s.uuid) for s in meter.samples()] == [("cuda:1", "")]
+    assert "cuda:1 is modelled" in caplog.text and "CUDA_DEVICE_ORDER=PCI_BUS_ID" in caplog.text
+
+
+def test_fastest_first_without_torch_uuid_on_identical_boards_keeps_pci_order() -> None:
+    gpus = four_boards()
+    meter = meter_one(1, {"CUDA_VISIBLE_DEVICES": "2,3"}, gpus)
+    assert meter.method == "measured" and read_board(meter, gpus) == 3
+
+
+def test_uuid_list_is_looked_up_by_uuid_whatever_the_order() -> None:
+    gpus = four_boards()
+    visible = {"CUDA_VISIBLE_DEVICES": f"{fake_uuid(3)},{fake_uuid(0)}"}
+    assert meter_one(0, visible, gpus).samples()[0].uuid == fake_uuid(3)
+    second = meter_one(1, visible, gpus)
+    assert second.samples()[0].uuid == fake_uuid(0)
+    assert read_board(second, gpus) == 0
+
+
+def test_uuid_prefix_is_accepted_like_cuda_when_unique() -> None:
+    gpus = [FakeGpu(uuid="GPU-aaaa1111-0000-0000-0000-000000000000"),
+            FakeGpu(uuid="GPU-bbbb2222-0000-0000-0000-000000000000")]
+    meter = meter_one(0, {"CUDA_VISIBLE_DEVICES": "GPU-bbbb"}, gpus)
+    assert meter.samples()[0].uuid == "GPU-bbbb2222-0000-0000-0000-000000000000"
+
+
+def test_unset_visible_devices_is_the_identity() -> None:
+    gpus = four_boards()
+    assert read_board(meter_one(2, PCI_ORDER, gpus), gpus) == 2
+    gpus = four_boards()
+    assert read_board(meter_one(2, {}, gpus, cuda_uuid=torch_uuids({2: 2})), gpus) == 2
+
+
+@pytest.mark.parametrize(
+    ("visible", "reason"),
+    [
+        ("0,GPU-deadbeef-0000-0000-0000-000000000000", "no board of this node has the UUID"),
+        ("0", "cuda:1 is not among CUDA_VISIBLE_DEVICES='0' (1 visible)"),
+        ("0,7", "NVML has no board 7"),
+        ("0,MIG-4f7c1f2e-aaaa-bbbb-cccc-000000000001", "MIG instance"),
+    ],
+)
+def test_unknown_device_is_modelled_with_a_logged_reason_never_a_crash(
+    visible: str, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING", logger="jest_trainer.energy"):
+        meter = meter_one(1, {"CUDA_VISIBLE_DEVICES": visible, **PCI_ORDER}, four_boards())
+    assert (meter.method, meter.source) == ("modelled", "config:modelledWattsPerDevice")
+    assert [sample.device for sample in meter.samples()] == ["cuda:1"]
+    assert reason in caplog.text
+    drive(meter, 0.0)
+    drive(meter, 1.0)
+    assert meter.total_joules() == pytest.approx(EnergyConfig().modelled_watts_per_device)
+
+
+def test_forced_nvml_on_an_unknown_device_names_the_field_and_the_reason() -> None:
+    with pytest.raises(EnergyBackendUnavailableError, match=r"energy\.backend: 'nvml' cannot meter.*UUID"):
+        meter_one(0, {"CUDA_VISIBLE_DEVICES": "GPU-deadbeef"}, four_boards(), backend="nvml")
+
+
+def test_torch_uuid_of_a_mig_instance_is_refused() -> None:
+    mig = "MIG-4f7c1f2e-aaaa-bbbb-cccc-000000000001"
+    gpus = [FakeGpu(mig_instances=(mig,)), FakeGpu(name="NVIDIA Fake A30")]
+    meter = meter_one(0, {}, gpus, cuda_uuid=lambda index: mig.removeprefix("MIG-"))
+    assert meter.method == "modelled"
+
+
+def test_torch_uuid_unknown_to_nvml_is_modelled() -> None:
+    meter = meter_one(0, {}, four_boards(), cuda_uuid=lambda index: "0badf00d-0000-0000-0000-000000000000")
+    assert meter.method == "modelled"
+
+
+def test_some_devices_unidentified_mix_methods_and_sources() -> None:
+    gpus = four_boards()
+    meter = create_meter(EnergyConfig(), device_kind="cuda", device_indices=[0, 1], nvml=build_fake_pynvml(gpus),
+                         env={"CUDA_VISIBLE_DEVICES": "3,GPU-unknown", **PCI_ORDER})
+    assert [(s.device, s.method, s.uuid) for s in meter.samples()] == [
+        ("cuda:0", "measured", fake_uuid(3)), ("cuda:1", "modelled", "")]
+    assert (meter.method, meter.source) == ("modelled", "config:modelledWattsPerDevice+nvml")
+
+
+def test_two_cuda_devices_on_one_board_are_metered_once() -> None:
+    gpus = four_boards()
+    meter = create_meter(EnergyConfig(), device_kind="cuda", device_indices=[0, 1], nvml=build_fake_pynvml(gpus),
+                         env={"CUDA_VISIBLE_DEVICES": f"2,{fake_uuid(2)}", **PCI_ORDER})
+    assert [(s.device, s.uuid) for s in meter.samples()] == [("cuda:0", fake_uuid(2))]
+
+
+def test_torch_cuda_uuid_without_cuda_is_none() -> None:
+    assert energy.torch_cuda_uuid(0) is None  # this machine has no CUDA device: no crash, no guess
 
 
 def test_tpu_is_always_modelled_even_where_nvml_exists() -> None:
