@@ -296,29 +296,6 @@ def dumps(value: Any) -> str:
     return json.dumps(value)
 
 
-def restart_component(cp: ControlPlane, name: str, *, down_seconds: float = 2.0, timeout: float = 90) -> float:
-    """Stop one control-plane process (``kube-apiserver`` or ``etcd``), keep it down, start it again with the
-    very command line it had (same ports, certificates, data directory); returns the seconds until the API
-    server answers ``/readyz`` again after the restart."""
-    (process,) = [p for p in cp.processes if p.name == name]
-    argv = Path(f"/proc/{process.pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
-    process.stop()
-    cp.processes.remove(process)
-    time.sleep(down_seconds)
-    started = time.monotonic()
-    cp._spawn(name, [part.decode() for part in argv])
-
-    def ready() -> bool:
-        try:
-            return cp.api("GET", "/readyz", timeout=2)[0] == 200
-        except OSError:
-            return False
-
-    wait_for(ready, timeout=timeout, interval=0.2, what=f"the API server ready again after restarting {name}")
-    cp.write_state()
-    return time.monotonic() - started
-
-
 def apply_crds(cp: ControlPlane, crds: list[dict], *, timeout: float = 60) -> None:
     """Apply CRDs the way a user does (plain ``kubectl apply``, so kubectl checks them against the server's
     OpenAPI; no ``--validate=false``) and wait until the API server serves each one (Established)."""
