@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--loader-workers", type=int, default=1)
-    parser.add_argument("--reference-steps", type=int, default=300)
+    parser.add_argument("--reference-steps", type=int, default=400)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "real_data.json")
     parser.add_argument("--plot", type=Path, default=REPO / "bench" / "results" / "real_data.png")
     parser.add_argument("--partial", action="store_true", help="rewrite --out after every run (partial: true)")
