@@ -1,8 +1,9 @@
 """WebDataset shards: resolve a URL pattern, open a shard by scheme, read its raw samples with retries.
 
-Why a module of its own: the operator / ``jestctl validate`` call ``resolve_shards`` (pure, no torch)
-to reject a pattern that names no shard before any process trains, and the training stream calls
-``read_raw_samples`` in every DataLoader worker. Tar parsing and sample grouping are webdataset's
+Why a module of its own: every trainer process calls ``resolve_shards`` (no torch) when it opens its data,
+before the reference trains, so a pattern that names no shard fails the job at once (a ``ValueError``
+naming the field: exit 3, no restart spent); the operator cannot, since the paths are the pods' own. The
+training stream calls ``read_raw_samples`` in every DataLoader worker. Tar parsing and sample grouping are webdataset's
 (``tar_file_iterator`` + ``group_by_keys``); this module only adds what a long run over a web crawl
 needs around them:
 
