@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv demo test test-fast lint crds controlplane cluster-up cluster-down cluster-status bench bench-selection bench-scaling bench-reconcile bench-energy bench-arithmetic bench-data bench-real-data emoji-font prometheus clean
+.PHONY: venv demo test test-fast lint crds controlplane xla-venv cluster-up cluster-down cluster-status bench bench-selection bench-scaling bench-reconcile bench-energy bench-arithmetic bench-data bench-real-data emoji-font prometheus clean
 
 $(STAMP): pyproject.toml setup.py trainer_image/jest_trainer/_selection_native.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(VENV)/bin/jestctl run examples/quickstart.yaml --workdir .demo --json .demo/summary.json
 
 ## make test: lint, CRD drift, unit, integration and end-to-end tests
-test: $(STAMP) prometheus emoji-font controlplane
+test: $(STAMP) prometheus emoji-font controlplane xla-venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest tests
@@ -52,6 +52,11 @@ cluster-down:
 
 cluster-status:
 	@$(PY) -m hack.devcluster status
+
+## torch_xla 2.9 (with its own torch 2.9) in .venv-xla, for tests/integration/test_xla.py (the TPU code path on
+## PJRT_DEVICE=CPU); ~3 min and ~7 GB the first time, then a no-op
+xla-venv:
+	bash hack/xla/venv.sh >/dev/null
 
 ## Debian's prometheus + promtool (real server in the telemetry tests)
 prometheus:
@@ -95,4 +100,4 @@ bench-real-data: $(STAMP) emoji-font
 	$(PY) bench/real_data.py --data /tmp/jest-real-data/shards --workdir /tmp/jest-real-data/runs --partial
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache build trainer_image/jest_trainer/*.so
+	rm -rf $(VENV) .venv-xla .venv-xla.lock .demo .pytest_cache build trainer_image/jest_trainer/*.so

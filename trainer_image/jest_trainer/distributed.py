@@ -3,18 +3,40 @@
 Why its own module: the loop, the reference broadcast and the benchmarks all need "rank, world size,
 device" and a handful of small collectives that degrade to the identity in a single process, so
 nothing outside this file branches on ``dist.is_initialized()``.
+
+XLA (``torch_xla``, selected by ``PJRT_DEVICE``) comes in two shapes:
+
+* ``PJRT_DEVICE=TPU``: the ``xla`` process group (``init_method="xla://"``); collectives are XLA ops
+  inside the graph.
+* ``PJRT_DEVICE=CPU`` (the XLA path CI runs, ``tests/integration/test_xla.py``): compute on the XLA
+  device, processes joined by a **gloo** group. torch_xla 2.9's PJRT CPU client is single-process: every
+  process sees one device, ``runtime.world_size() == 1`` and ``global_ordinal() == 0``, so the ``xla``
+  backend makes each process a world of one (and the second one's TCPStore fails with EADDRINUSE on
+  ``MASTER_PORT``). gloo cannot read XLA tensors either, and it does not say so: ``dist.all_reduce`` on an
+  XLA tensor returns with the tensor unchanged. So every tensor collective here (and in ``losses`` and
+  ``reference``, through :func:`all_gather_tensor`, :func:`all_reduce_tensor_`, :func:`broadcast_tensor_`)
+  goes through host memory when the group is gloo and the tensor is not on the CPU, and on XLA gradients
+  are averaged by :func:`average_gradients` instead of DDP (whose reducer would hand gloo XLA buffers).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
+
+log = logging.getLogger("jest_trainer.distributed")
+
+# PJRT_DEVICE values that put the trainer on torch_xla (TPU: required; CPU: when torch_xla is installed)
+XLA_PJRT_DEVICES: tuple[str, ...] = ("TPU", "CPU")
 
 
 @dataclass(frozen=True)
@@ -68,23 +90,37 @@ def distributed_env(env: Mapping[str, str]) -> tuple[int, int, int]:
     return world, rank, local_rank
 
 
-def init_distributed(env: Mapping[str, str] | None = None, *, timeout_seconds: float = 1800.0) -> DistContext:
-    """Join the process group the environment describes: XLA on TPU, NCCL on CUDA, gloo on CPU.
+def xla_requested(env: Mapping[str, str]) -> bool:
+    """Whether the environment asks for torch_xla: ``PJRT_DEVICE=TPU``, or ``PJRT_DEVICE=CPU`` with torch_xla installed.
 
-    ``PJRT_DEVICE=TPU`` needs ``torch_xla`` (clear error when it is missing). Without ``WORLD_SIZE`` (or
-    with 1) no process group is created and the device is chosen the same way.
+    ``PJRT_DEVICE=TPU`` without torch_xla is a clear error; ``PJRT_DEVICE=CPU`` without it is a plain CPU run
+    (the variable means nothing to torch itself).
+    """
+    pjrt = env.get("PJRT_DEVICE", "").upper()
+    if pjrt == "TPU":
+        if importlib.util.find_spec("torch_xla") is None:
+            raise RuntimeError(
+                "PJRT_DEVICE=TPU but torch_xla is not installed in this image; install torch_xla or unset PJRT_DEVICE"
+            )
+        return True
+    return pjrt in XLA_PJRT_DEVICES and importlib.util.find_spec("torch_xla") is not None
+
+
+def init_distributed(env: Mapping[str, str] | None = None, *, timeout_seconds: float = 1800.0) -> DistContext:
+    """Join the process group the environment describes: XLA on TPU, NCCL on CUDA, gloo on CPU and XLA-on-CPU.
+
+    ``PJRT_DEVICE=TPU`` needs ``torch_xla`` (clear error when it is missing) and joins the ``xla`` group;
+    ``PJRT_DEVICE=CPU`` with torch_xla installed computes on the XLA device with a gloo group (module
+    docstring: why). Without ``WORLD_SIZE`` (or with 1) no process group is created and the device is
+    chosen the same way.
     """
     env = os.environ if env is None else env
     world, rank, local_rank = distributed_env(env)
-    if env.get("PJRT_DEVICE", "").upper() == "TPU":
-        try:
-            import torch_xla.core.xla_model as xm
-        except ImportError as error:
-            raise RuntimeError(
-                "PJRT_DEVICE=TPU but torch_xla is not installed in this image; install torch_xla or unset PJRT_DEVICE"
-            ) from error
-        device = xm.xla_device()
-        backend = "xla"
+    if xla_requested(env):
+        import torch_xla
+
+        device = torch_xla.device()
+        backend = "xla" if env.get("PJRT_DEVICE", "").upper() == "TPU" else "gloo"
     elif torch.cuda.is_available():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         device = torch.device("cuda", torch.cuda.current_device())
@@ -93,12 +129,13 @@ def init_distributed(env: Mapping[str, str] | None = None, *, timeout_seconds: f
         device = torch.device("cpu")
         backend = "gloo"
     if world == 1:
+        log.info("single process on %s", device)
         return DistContext(world_size=1, rank=0, local_rank=local_rank, backend=None, device=device)
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         if backend != "xla" and not env.get(name):
             raise ValueError(f"{name}: required when WORLD_SIZE={world} > 1")
     if backend == "xla":
-        import torch_xla.distributed.xla_backend  # noqa: F401  (registers the "xla" backend)
+        import torch_xla.distributed.xla_backend  # registers the "xla" backend
 
         dist.init_process_group("xla", init_method="xla://")
     else:
@@ -109,6 +146,7 @@ def init_distributed(env: Mapping[str, str] | None = None, *, timeout_seconds: f
             rank=rank,
             timeout=dt.timedelta(seconds=timeout_seconds),
         )
+    log.info("rank %d of %d on %s, process group %s", rank, world, device, backend)
     return DistContext(world_size=world, rank=rank, local_rank=local_rank, backend=backend, device=device)
 
 
@@ -138,7 +176,9 @@ def all_reduce(values: list[float], ctx: DistContext, op: dist.ReduceOp.RedOpTyp
     """All-reduce a few floats (identity in a single process)."""
     if not ctx.distributed:
         return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    # gloo reduces host tensors (also when the compute device is XLA); NCCL and XLA need them on the device
+    device = torch.device("cpu") if ctx.backend == "gloo" else ctx.device
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=op)
     return [float(value) for value in tensor.cpu()]
 
@@ -166,10 +206,103 @@ def broadcast_object(value: Any, ctx: DistContext) -> Any:
     return holder[0]
 
 
+def _through_host(tensor: Tensor, group: dist.ProcessGroup | None) -> bool:
+    """Whether a collective on ``tensor`` goes through host memory: a gloo group and an XLA (not CPU/CUDA) tensor."""
+    return tensor.device.type not in ("cpu", "cuda") and dist.get_backend(group) == "gloo"
+
+
+def all_gather_tensor(tensor: Tensor, group: dist.ProcessGroup | None = None) -> list[Tensor]:
+    """Every rank's ``tensor`` (equal shapes), in rank order, on ``tensor``'s device (no autograd)."""
+    if _through_host(tensor, group):
+        host = tensor.detach().cpu().contiguous()
+        parts = [torch.empty_like(host) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, host, group=group)
+        return [part.to(tensor.device) for part in parts]
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return parts
+
+
+def all_reduce_tensor_(
+    tensor: Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM, group: dist.ProcessGroup | None = None
+) -> Tensor:
+    """All-reduce ``tensor`` in place (through host memory where :func:`_through_host`); returns it."""
+    if _through_host(tensor, group):
+        host = tensor.detach().cpu()
+        dist.all_reduce(host, op=op, group=group)
+        with torch.no_grad():
+            tensor.copy_(host.to(tensor.device))
+        return tensor
+    dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+def broadcast_tensor_(tensor: Tensor, src: int = 0, group: dist.ProcessGroup | None = None) -> Tensor:
+    """Overwrite ``tensor`` with rank ``src``'s (in place, through host memory where needed); returns it."""
+    if _through_host(tensor, group):
+        host = tensor.detach().cpu()
+        dist.broadcast(host, src=src, group=group)
+        with torch.no_grad():
+            tensor.copy_(host.to(tensor.device))
+        return tensor
+    dist.broadcast(tensor, src=src, group=group)
+    return tensor
+
+
+def uses_ddp(ctx: DistContext) -> bool:
+    """Whether the learner is wrapped in DDP: distributed, and not on XLA (there :func:`average_gradients`)."""
+    return ctx.distributed and ctx.device.type != "xla"
+
+
+def average_gradients(parameters: Iterable[nn.Parameter], group: dist.ProcessGroup | None = None) -> None:
+    """Replace every gradient by its mean over ranks: what DDP does, for the XLA device (one flat all-reduce).
+
+    A no-op without a process group of more than one member. Parameters without a gradient are skipped
+    (every rank has the same ones: the same model, the same loss).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return
+    grads = [param.grad for param in parameters if param.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([grad.reshape(-1) for grad in grads])
+    all_reduce_tensor_(flat, group=group)
+    flat /= dist.get_world_size(group)
+    offset = 0
+    with torch.no_grad():
+        for grad in grads:
+            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+
+
+def mark_step(device: torch.device) -> None:
+    """End of a training step on XLA: cut the lazy graph so it does not grow across steps (no-op elsewhere).
+
+    Without it a loop of ``n`` steps traces one graph of ``n`` steps, compiled anew at the first value read
+    (every ``.cpu()`` of a ``state_dict`` then compiles its own slice of it: minutes for a 10-step loop).
+    """
+    if device.type == "xla":
+        import torch_xla
+
+        torch_xla.sync()
+
+
 def sync(device: torch.device) -> None:
-    """Wait for queued device work so phase timings are honest (XLA: cut the graph; no-op on CPU)."""
+    """Wait for queued device work so phase timings are honest (no-op on CPU).
+
+    CUDA: synchronise the stream. XLA: cut the lazy graph here (``torch_xla.sync()``, the successor of
+    ``xm.mark_step()``), which compiles (first time) and launches what the phase traced, then wait for the
+    device to finish it (``xm.wait_device_ops()``); without this an XLA phase would time only the tracing
+    and the work would be charged to whichever later phase first needs a value.
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "xla":
+        import torch_xla
+        import torch_xla.core.xla_model as xm
+
+        torch_xla.sync()
+        xm.wait_device_ops()
 
 
 def shutdown(ctx: DistContext) -> None:

@@ -29,7 +29,15 @@ from torch import Tensor, nn
 from jest_trainer import checkpoint as ckpt
 from jest_trainer import flops as flops_mod
 from jest_trainer.config import TrainingConfig, WorkerConfig
-from jest_trainer.distributed import DistContext, all_gather_object, all_reduce, any_rank, broadcast_object
+from jest_trainer.distributed import (
+    DistContext,
+    all_gather_object,
+    all_reduce,
+    any_rank,
+    average_gradients,
+    broadcast_object,
+    uses_ddp,
+)
 from jest_trainer.energy import METHODS as ENERGY_METHODS
 from jest_trainer.metrics import JobTotals
 from jest_trainer.schedule import init_seed, lr_at, selection_generator
@@ -309,9 +317,17 @@ def train_step(
     sel, model = plan.cfg.selection, state.model
     with timer("selection"):
         learner_logits, reference_logits = score(plan, model, scorer, batch, device)
+        select_on = device
+        if device.type == "xla":
+            # XLA: the chunk loop (sequential top-k and gathers at data-dependent indices) runs on the host, in
+            # microseconds with the native kernel, after one copy of each [B, B] matrix; traced, it would be a
+            # graph per chunk, and torch_xla 2.9 aborts tracing index_select on pending top-k indices
+            select_on = torch.device("cpu")
+            learner_logits, reference_logits = (None if logits is None else logits.cpu()
+                                                for logits in (learner_logits, reference_logits))
         size_hint = None
         if learner_logits is None and reference_logits is None:
-            size_hint = torch.zeros(1, 1, device=device).expand(plan.local_super, plan.local_super)
+            size_hint = torch.zeros(1, 1, device=select_on).expand(plan.local_super, plan.local_super)
         begin = time.perf_counter()
         selected = select_batch(
             sel.method,
@@ -324,6 +340,7 @@ def train_step(
             generator=selection_generator(plan.cfg.seed, state.step, rank),
         )
         arithmetic = time.perf_counter() - begin
+        selected = selected.to(device)
     with timer("forward_backward"):
         with plan.autocast(device):
             image_emb, text_emb = train_model(batch.images.index_select(0, selected),
@@ -333,6 +350,8 @@ def train_step(
             )
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if device.type == "xla":
+            average_gradients(model.parameters())  # DDP's averaging, without DDP on XLA (distributed.py)
     with timer("optimizer"):
         learning_rate = lr_at(state.step, total_steps=plan.cfg.steps, peak_lr=plan.cfg.optimizer.lr,
                               warmup_steps=plan.cfg.optimizer.warmup_steps)
@@ -545,7 +564,7 @@ def run(
         # the softmax (CLIP) loss never reads the bias: a parameter without a gradient stalls DDP's reducer
         model.logit_bias.requires_grad_(False)
     train_model: nn.Module = model
-    if ctx.distributed:
+    if uses_ddp(ctx):
         from torch.nn.parallel import DistributedDataParallel
 
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.nn import functional
 
 from jest_trainer import native
+from jest_trainer.distributed import all_gather_tensor, all_reduce_tensor_
 
 LossKind = Literal["sigmoid", "softmax"]
 LOSS_KINDS: tuple[str, ...] = ("sigmoid", "softmax")
@@ -136,7 +137,8 @@ def logit_magnitude_limit(dtype: torch.dtype, size: int) -> float:
 
 def within_magnitude(tensor: Tensor, limit: float) -> bool:
     """Every entry finite and at most ``limit`` in magnitude (NaN fails the comparison)."""
-    return float(tensor.detach().abs().amax()) <= limit
+    # max(), not amax(): torch_xla 2.9 returns amax() with no dim unreduced (the tensor itself)
+    return float(tensor.detach().abs().max()) <= limit
 
 
 def sigmoid_pair_loss_difference(logits: Sequence[Tensor], dtype: torch.dtype) -> Tensor | None:
@@ -220,7 +222,8 @@ class _GatherWithGradient(torch.autograd.Function):
 
     The backward all-reduces (sums) the gradient of the gathered tensor over ranks and keeps this rank's
     rows, so each input receives the gradient of the sum of every rank's loss. Built on ``all_gather`` and
-    ``all_reduce`` only, which gloo, NCCL and XLA all implement (gloo has no reduce-scatter).
+    ``all_reduce`` only, which gloo, NCCL and XLA all implement (gloo has no reduce-scatter); XLA tensors in a
+    gloo group (torch_xla on CPU) go through host memory (``distributed.all_gather_tensor``).
     """
 
     @staticmethod
@@ -228,14 +231,11 @@ class _GatherWithGradient(torch.autograd.Function):
         ctx.group = group
         ctx.rank = dist.get_rank(group)
         ctx.rows = tensor.shape[0]
-        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, tensor.contiguous(), group=group)
-        return torch.cat(parts, dim=0)
+        return torch.cat(all_gather_tensor(tensor, group), dim=0)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        grad = grad_output.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        grad = all_reduce_tensor_(grad_output.contiguous().clone(), dist.ReduceOp.SUM, ctx.group)
         start = ctx.rank * ctx.rows
         return grad[start : start + ctx.rows], None
 
@@ -318,7 +318,6 @@ def contrastive_loss(
             + functional.cross_entropy(text_to_image, labels, reduction="sum")
         ) / (2 * rows)
 
-    global_value = share.detach().clone()
-    dist.all_reduce(global_value, op=dist.ReduceOp.SUM, group=group)
+    global_value = all_reduce_tensor_(share.detach().clone(), dist.ReduceOp.SUM, group)
     global_value /= world
     return share + (global_value - share.detach())

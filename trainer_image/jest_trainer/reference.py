@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from jest_trainer import losses
 from jest_trainer.checkpoint import atomic_write_bytes
 from jest_trainer.config import ModelConfig, TrainingConfig
+from jest_trainer.distributed import broadcast_tensor_, mark_step
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,7 @@ def train_reference(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            mark_step(device)  # XLA: one graph per step, not one of the whole training
     finally:
         close = getattr(batches, "close", None)
         if close is not None:
@@ -266,7 +268,7 @@ def broadcast_module(model: nn.Module, *, src: int = 0) -> None:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     for tensor in [*model.parameters(), *model.buffers()]:
-        dist.broadcast(tensor.data, src=src)
+        broadcast_tensor_(tensor.data, src=src)  # through host memory for XLA tensors in a gloo group
 
 
 def build_reference(

@@ -200,6 +200,14 @@ class _LoopCollector(Collector):
         yield boards
 
 
+def energy_device_kind(ctx: DistContext, env: Mapping[str, str]) -> str:
+    """The hardware an energy meter should look for: torch's device type, except that an XLA device is a TPU
+    only under ``PJRT_DEVICE=TPU``; torch_xla on CPU (``PJRT_DEVICE=CPU``, the CI path) computes on the CPU."""
+    if ctx.device.type == "xla" and env.get("PJRT_DEVICE", "").upper() != "TPU":
+        return "cpu"
+    return ctx.device.type
+
+
 def metered_devices(ctx: DistContext, cuda_device_count: Callable[[], int] | None = None) -> list[int]:
     """The devices this process's energy meter covers (``create_meter``'s ``device_indices``).
 
@@ -243,7 +251,7 @@ class Telemetry:
         self.attempt = env_int(env, "JEST_ATTEMPT", 0)
         self.termination_message_path = env.get(TERMINATION_MESSAGE_PATH_ENV, "")
         self.meter = create_meter(
-            config.energy, device_kind=ctx.device.type, device_indices=metered_devices(ctx),
+            config.energy, device_kind=energy_device_kind(ctx, env), device_indices=metered_devices(ctx),
             initial_joules=restored_joules,
         )
         self.metrics = TrainerMetrics(trainingjob=env.get("JEST_JOB_NAME", "local"), rank=ctx.rank)

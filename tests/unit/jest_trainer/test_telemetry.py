@@ -10,7 +10,7 @@ import torch
 from jest_trainer import energy
 from jest_trainer.config import EnergyConfig, WorkerConfig
 from jest_trainer.distributed import DistContext, single_process
-from jest_trainer.telemetry import Telemetry, metered_devices
+from jest_trainer.telemetry import Telemetry, energy_device_kind, metered_devices
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -91,3 +91,12 @@ def test_no_board_info_without_a_known_board(tmp_path: Path) -> None:
         assert _samples(telemetry, "jest_accelerator_info") == {}
     finally:
         telemetry.close()
+
+
+def test_an_xla_device_is_metered_as_a_tpu_only_under_pjrt_tpu() -> None:
+    """torch_xla on CPU (PJRT_DEVICE=CPU, the CI path) must never report TPU energy."""
+    xla = DistContext(world_size=2, rank=0, local_rank=0, backend="gloo", device=torch.device("xla", 0))
+    assert energy_device_kind(xla, {"PJRT_DEVICE": "TPU"}) == "xla"
+    assert energy_device_kind(xla, {"PJRT_DEVICE": "CPU"}) == "cpu"
+    cuda = DistContext(world_size=1, rank=0, local_rank=0, backend=None, device=torch.device("cuda", 0))
+    assert energy_device_kind(cuda, {"PJRT_DEVICE": "CPU"}) == "cuda"
