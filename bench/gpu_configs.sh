@@ -35,21 +35,8 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-if [ -z "${PY:-}" ]; then
-  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=$(command -v python3); fi
-fi
-# jestctl launches the `jest-trainer` and `torchrun` console scripts: install the repo (no deps, no network) when
-# they are missing.
-BIN=$(dirname "$PY")
-if [ ! -x "$BIN/jestctl" ] || [ ! -x "$BIN/jest-trainer" ]; then
-  "$PY" -m venv --system-site-packages .venv-gpu
-  PY=.venv-gpu/bin/python
-  BIN=.venv-gpu/bin
-  "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
-    || { echo "gpu_configs.sh: cannot install the repo into .venv-gpu" >&2; exit 3; }
-fi
-"$PY" -c "import torch, jest_trainer, jest_operator" \
-  || { echo "gpu_configs.sh: $PY lacks torch or the repo (pip install -e '.[trainer]')" >&2; exit 3; }
+. bench/gpu_python.sh
+gpu_python gpu_configs.sh "import torch, jest_trainer, jest_operator" "torch or the repo (pip install -e '.[trainer]')"
 
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)

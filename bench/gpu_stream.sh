@@ -32,20 +32,8 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-if [ -z "${PY:-}" ]; then
-  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=$(command -v python3); fi
-fi
-# jestctl launches the `jest-trainer` console script: install the repo (no deps, no network) when it is missing.
-BIN=$(dirname "$PY")
-if [ ! -x "$BIN/jestctl" ] || [ ! -x "$BIN/jest-trainer" ]; then
-  "$PY" -m venv --system-site-packages .venv-gpu
-  PY=.venv-gpu/bin/python
-  BIN=.venv-gpu/bin
-  "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
-    || { echo "gpu_stream.sh: cannot install the repo into .venv-gpu" >&2; exit 3; }
-fi
-"$PY" -c "import torch, open_clip, webdataset, PIL" \
-  || { echo "gpu_stream.sh: $PY lacks torch/open_clip/webdataset/pillow (pip install -e '.[trainer]')" >&2; exit 3; }
+. bench/gpu_python.sh
+gpu_python gpu_stream.sh "import torch, open_clip, webdataset, PIL" "torch/open_clip/webdataset/pillow (pip install -e '.[trainer]')"
 
 mkdir -p "$OUT"
 if [ "$SMOKE" = 1 ]; then

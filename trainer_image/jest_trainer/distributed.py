@@ -25,7 +25,7 @@ import datetime as dt
 import importlib.util
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -223,30 +223,28 @@ def all_gather_tensor(tensor: Tensor, group: dist.ProcessGroup | None = None) ->
     return parts
 
 
+def _in_place(collective: Callable[[Tensor], Any], tensor: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """Run an in-place ``collective`` on ``tensor``, on a host copy where :func:`_through_host`; returns it."""
+    if not _through_host(tensor, group):
+        collective(tensor)
+        return tensor
+    host = tensor.detach().cpu()
+    collective(host)
+    with torch.no_grad():
+        tensor.copy_(host.to(tensor.device))
+    return tensor
+
+
 def all_reduce_tensor_(
     tensor: Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM, group: dist.ProcessGroup | None = None
 ) -> Tensor:
     """All-reduce ``tensor`` in place (through host memory where :func:`_through_host`); returns it."""
-    if _through_host(tensor, group):
-        host = tensor.detach().cpu()
-        dist.all_reduce(host, op=op, group=group)
-        with torch.no_grad():
-            tensor.copy_(host.to(tensor.device))
-        return tensor
-    dist.all_reduce(tensor, op=op, group=group)
-    return tensor
+    return _in_place(lambda target: dist.all_reduce(target, op=op, group=group), tensor, group)
 
 
 def broadcast_tensor_(tensor: Tensor, src: int = 0, group: dist.ProcessGroup | None = None) -> Tensor:
     """Overwrite ``tensor`` with rank ``src``'s (in place, through host memory where needed); returns it."""
-    if _through_host(tensor, group):
-        host = tensor.detach().cpu()
-        dist.broadcast(host, src=src, group=group)
-        with torch.no_grad():
-            tensor.copy_(host.to(tensor.device))
-        return tensor
-    dist.broadcast(tensor, src=src, group=group)
-    return tensor
+    return _in_place(lambda target: dist.broadcast(target, src=src, group=group), tensor, group)
 
 
 def uses_ddp(ctx: DistContext) -> bool:
