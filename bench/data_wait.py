@@ -9,8 +9,14 @@ f = 0.8: every step decodes and preprocesses a whole super-batch of ``batch / (1
 the training process scores, selects and trains. Goal: < 5 %. On a 2-core machine the two loader
 workers compete with the training process for the same cores, so the figure is reported as measured.
 
+Two runs, of ``steps`` and ``2 * steps`` steps (fresh checkpoint directories, so neither resumes): the
+short run's fraction includes filling the pipeline (starting the loader workers, their first decode) once,
+which a long training run pays once too; the marginal fraction between the two runs (extra data wait over
+extra step time) is the steady state a long run sees. Both are written; the goal is judged on the steady
+state, and the fill cost is reported in seconds beside it.
+
 Writes ``bench/results/data_wait.json`` and ``.png`` (seconds per phase per step, and the fraction).
-Run: ``.venv/bin/python bench/data_wait.py`` (about a minute on 2 cores).
+Run: ``.venv/bin/python bench/data_wait.py`` (about two minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -28,42 +34,58 @@ RESULTS = REPO_ROOT / "bench" / "results"
 GOAL = 0.05
 
 
-def measure(*, steps: int, batch: int, image_px: int, image_size: int, workers: int, shards: int,
-            per_shard: int, workdir: Path) -> dict:
-    """One streaming run; returns the benchmark document."""
-    import torch
+def run_once(*, steps: int, batch: int, image_size: int, workers: int, pool: str, curated: str, evaluation: str,
+             checkpoint_dir: Path) -> dict:
+    """One single-rank streaming run of ``steps`` steps; returns the trainer's summary."""
     from jest_trainer.config import EnergyConfig, TrainingConfig, WorkerConfig
     from jest_trainer.distributed import single_process
     from jest_trainer.train import train
 
-    writer = runpy.run_path(str(REPO_ROOT / "bench" / "data_stream.py"), run_name="jest_bench_data_stream")
-    pool = writer["write_jpeg_shards"](workdir / "pool", shards=shards, per_shard=per_shard, image_px=image_px)
-    curated = writer["write_jpeg_shards"](workdir / "curated", shards=1, per_shard=256, image_px=image_px, seed=1)
-    evaluation = writer["write_jpeg_shards"](workdir / "eval", shards=1, per_shard=256, image_px=image_px, seed=2)
     training = TrainingConfig.model_validate({
         "steps": steps, "seed": 0,
         "model": {"arch": "tiny", "embedDim": 64, "imageSize": image_size},
         "data": {"source": "webdataset", "urls": pool, "evalUrls": evaluation, "loaderWorkers": workers},
         "reference": {"train": {"steps": 10, "batchSize": 64, "urls": curated}},
         "selection": {"method": "jest", "filterRatio": 0.8, "chunks": 16, "batchSize": batch},
-        "checkpoint": {"dir": str(workdir / "ckpt"), "intervalSteps": steps},
+        "checkpoint": {"dir": str(checkpoint_dir), "intervalSteps": steps},
         "eval": {"intervalSteps": steps},
     })
+    return train(WorkerConfig(training=training, energy=EnergyConfig(backend="modelled")),
+                 env={"JEST_PROGRESS": "plain"}, ctx=single_process(), install_signal_handlers=False)
+
+
+def measure(*, steps: int, batch: int, image_px: int, image_size: int, workers: int, shards: int,
+            per_shard: int, workdir: Path) -> dict:
+    """A short and a twice-as-long streaming run; returns the benchmark document."""
+    import torch
+
+    writer = runpy.run_path(str(REPO_ROOT / "bench" / "data_stream.py"), run_name="jest_bench_data_stream")
+    pool = writer["write_jpeg_shards"](workdir / "pool", shards=shards, per_shard=per_shard, image_px=image_px)
+    curated = writer["write_jpeg_shards"](workdir / "curated", shards=1, per_shard=256, image_px=image_px, seed=1)
+    evaluation = writer["write_jpeg_shards"](workdir / "eval", shards=1, per_shard=256, image_px=image_px, seed=2)
     load_before = os.getloadavg()
-    summary = train(WorkerConfig(training=training, energy=EnergyConfig(backend="modelled")),
-                    env={"JEST_PROGRESS": "plain"}, ctx=single_process(), install_signal_handlers=False)
+    short, long = (run_once(steps=n, batch=batch, image_size=image_size, workers=workers, pool=pool, curated=curated,
+                            evaluation=evaluation, checkpoint_dir=workdir / f"ckpt-{n}") for n in (steps, 2 * steps))
     load_after = os.getloadavg()
-    phases = summary["phase_seconds"]
+    phases = short["phase_seconds"]
+    extra_data = long["phase_seconds"]["data"] - phases["data"]
+    extra_time = long["step_seconds"] - short["step_seconds"]
+    steady = max(0.0, extra_data) / extra_time if extra_time > 0 else float("nan")
     return {
-        "data_wait_fraction": summary["data_wait_fraction"],
+        "data_wait_fraction": short["data_wait_fraction"],
+        "steady_state_data_wait_fraction": steady,
+        "pipeline_fill_seconds": max(0.0, phases["data"] - steady * short["step_seconds"]),
         "goal": GOAL,
-        "meets_goal": summary["data_wait_fraction"] < GOAL,
+        "meets_goal": steady < GOAL,
+        "goal_judged_on": "steady_state_data_wait_fraction",
         "phase_seconds_per_step": {name: value / steps for name, value in phases.items()},
-        "step_seconds": summary["step_seconds"] / steps,
+        "step_seconds": short["step_seconds"] / steps,
+        "long_run": {"steps": 2 * steps, "data_wait_fraction": long["data_wait_fraction"],
+                     "step_seconds": long["step_seconds"] / (2 * steps)},
         "steps": steps, "batch": batch, "super_batch": round(batch / 0.2), "loader_workers": workers,
         "image_px": image_px, "image_size": image_size, "shards": shards, "samples": shards * per_shard,
         "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine(),
-        "samples_skipped": summary["samples_skipped"],
+        "samples_skipped": short["samples_skipped"],
         "load_average_1m": {"before": load_before[0], "after": load_after[0]},
         "note": "loader workers share the machine's cores with the training process (and, on a shared host, "
                 "with whatever else runs: see load_average_1m)",
@@ -85,8 +107,9 @@ def plot(document: dict, path: Path) -> None:
         left += seconds * 1000
     axis.set_yticks([])
     axis.set_xlabel("ms per step")
-    axis.set_title(f"data wait {document['data_wait_fraction']:.1%} of a step (goal < {GOAL:.0%}); "
-                   f"{document['loader_workers']} loader workers, {document['cpus']} CPUs")
+    axis.set_title(f"data wait {document['steady_state_data_wait_fraction']:.1%} steady, "
+                   f"{document['data_wait_fraction']:.1%} over {document['steps']} steps (goal < {GOAL:.0%}); "
+                   f"{document['loader_workers']} loader workers, {document['cpus']} CPUs", fontsize=9)
     axis.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.35))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -111,8 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=2) + "\n")
     plot(document, args.out.with_suffix(".png"))
-    print(f"data wait {document['data_wait_fraction']:.1%} of step time "
-          f"({document['step_seconds'] * 1000:.0f} ms/step, goal < {GOAL:.0%}) -> {args.out}")
+    print(f"data wait {document['steady_state_data_wait_fraction']:.1%} of step time in the steady state, "
+          f"{document['data_wait_fraction']:.1%} over {document['steps']} steps with the pipeline fill "
+          f"({document['pipeline_fill_seconds']:.2f} s; {document['step_seconds'] * 1000:.0f} ms/step, "
+          f"goal < {GOAL:.0%}) -> {args.out}")
     return 0
 
 
