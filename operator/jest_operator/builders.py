@@ -227,6 +227,8 @@ def pod_env(job: JESTTrainingJob, index: int, *, attempt: int) -> list[dict[str,
         _env("JEST_ATTEMPT", attempt),
         _env("JEST_METRICS_PORT", METRICS_PORT),
         _env("JEST_TERMINATION_MESSAGE_PATH", TERMINATION_MESSAGE_PATH),
+        # the node the pod landed on: node-wide energy counters (RAPL) are metered by one rank per node
+        {"name": "JEST_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
     ]
     if spec.accelerator.type == "tpu":
         hostnames = ",".join(pod_fqdn(job, i) for i in range(spec.num_nodes))

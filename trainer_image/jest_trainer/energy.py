@@ -658,6 +658,7 @@ def create_meter(
     powercap_root: Path = DEFAULT_POWERCAP_ROOT,
     env: Mapping[str, str] | None = None,
     cuda_uuid: Callable[[int], str | None] | None = torch_cuda_uuid,
+    owns_node: bool | None = None,
 ) -> EnergyMeter:
     """Choose the best energy backend for ``device_kind`` (or the one ``config.backend`` forces).
 
@@ -667,8 +668,9 @@ def create_meter(
     to NVML boards through ``env`` (default ``os.environ``: ``CUDA_VISIBLE_DEVICES``,
     ``CUDA_DEVICE_ORDER``) and ``cuda_uuid`` (default: torch's device UUID); a device it cannot identify
     is modelled, with the reason logged (``nvml`` forced: :class:`EnergyBackendUnavailableError`). RAPL
-    is node scope: only the process whose ``device_indices`` contain 0 meters it (two pods sharing one
-    node would still both count it; RAPL suits one pod per node).
+    is node scope: only the process that ``owns_node`` meters it (the job's lowest rank on that node, which
+    the caller learns from its peers: see ``telemetry.owns_node_energy``); ``None`` means the process whose
+    ``device_indices`` contain 0, i.e. one per pod.
     ``auto``: NVML for CUDA when it initialises, RAPL for CPU where readable, otherwise ``modelled``;
     TPUs are always modelled (no public power counter). Forcing ``nvml`` or ``rapl`` where unavailable
     raises :class:`EnergyBackendUnavailableError` naming ``energy.backend``. ``nvml`` and
@@ -721,9 +723,10 @@ def create_meter(
     if backend == "rapl" or (backend == "auto" and device_kind == "cpu"):
         zones = rapl_zones(powercap_root)
         if zones:
-            # RAPL zones are node-wide: only the process owning device 0 (local rank 0) meters them, so the
-            # other local ranks of a pod report 0 J instead of counting the same packages again.
-            owns_node = 0 in device_indices
+            # RAPL zones are node-wide: only one process of the node meters them, so the others report 0 J
+            # instead of counting the same packages again.
+            if owns_node is None:
+                owns_node = 0 in device_indices
             channels = [RaplChannel(_rapl_zone_label(zone), zone) for zone in zones] if owns_node else []
             return EnergyMeter(channels, method=MEASURED, source=SOURCE_RAPL, **common)
         if backend == "rapl":

@@ -208,6 +208,23 @@ def energy_device_kind(ctx: DistContext, env: Mapping[str, str]) -> str:
     return ctx.device.type
 
 
+def owns_node_energy(rank: int, node_names: list[str]) -> bool:
+    """Whether ``rank`` meters its node's node-wide counters (RAPL): the job's lowest rank on that node.
+
+    ``node_names[r]`` is the node rank r runs on (``JEST_NODE_NAME``, the pod's ``spec.nodeName``). Two pods
+    of one job on one node (or every worker of ``jestctl run``, all on ``localhost``) would otherwise each
+    count the same CPU packages.
+    """
+    return node_names.index(node_names[rank]) == rank
+
+
+def node_name(env: Mapping[str, str]) -> str:
+    """The node this process runs on: ``JEST_NODE_NAME`` (downward API), else this host's name."""
+    import socket
+
+    return env.get("JEST_NODE_NAME") or socket.gethostname()
+
+
 def metered_devices(ctx: DistContext, cuda_device_count: Callable[[], int] | None = None) -> list[int]:
     """The devices this process's energy meter covers (``create_meter``'s ``device_indices``).
 
@@ -250,9 +267,13 @@ class Telemetry:
         self.metrics_port = env_int(env, "JEST_METRICS_PORT", 0)
         self.attempt = env_int(env, "JEST_ATTEMPT", 0)
         self.termination_message_path = env.get(TERMINATION_MESSAGE_PATH_ENV, "")
+        from jest_trainer.distributed import all_gather_object
+
+        # a collective: every rank builds its telemetry at the same point of the run
+        node_names = [str(name) for name in all_gather_object(node_name(env), ctx)]
         self.meter = create_meter(
             config.energy, device_kind=energy_device_kind(ctx, env), device_indices=metered_devices(ctx),
-            initial_joules=restored_joules,
+            initial_joules=restored_joules, owns_node=owns_node_energy(ctx.rank, node_names),
         )
         self.metrics = TrainerMetrics(trainingjob=env.get("JEST_JOB_NAME", "local"), rank=ctx.rank)
         self.metrics.attach_energy(self.meter)

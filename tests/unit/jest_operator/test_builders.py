@@ -220,6 +220,8 @@ def test_restricted_security_context() -> None:
     env = {variable["name"]: variable.get("value") for variable in trainer["env"]}
     # the final-figures summary goes where the kubelet reads it; a crash's log tail replaces it
     assert env["JEST_TERMINATION_MESSAGE_PATH"] == trainer["terminationMessagePath"] == "/dev/termination-log"
+    node_name = next(variable for variable in trainer["env"] if variable["name"] == "JEST_NODE_NAME")
+    assert node_name["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}  # one RAPL meter per node
     assert trainer["terminationMessagePolicy"] == "FallbackToLogsOnError"
     text = json.dumps(pod)
     for forbidden in ("privileged", "hostPath", "hostNetwork", "hostPID", "hostIPC"):

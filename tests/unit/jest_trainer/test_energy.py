@@ -448,3 +448,13 @@ def test_stop_is_prompt_even_with_a_long_interval() -> None:
     meter.stop()
     assert time.monotonic() - started < 5.0  # Event.wait wakes at once; a sleep() loop would block 30 s
     assert not meter.running
+
+
+def test_a_process_that_does_not_own_the_node_meters_no_rapl_zone(tmp_path: Path) -> None:
+    """``owns_node`` (from the job's node names) overrides the per-pod default of local rank 0."""
+    root = build_powercap_tree(tmp_path, [FakeRaplZone(0)])
+    second_pod = create_meter(EnergyConfig(), device_kind="cpu", device_indices=[0], powercap_root=root,
+                              owns_node=False)
+    assert (second_pod.method, second_pod.source, second_pod.samples()) == ("measured", "rapl:node", [])
+    owner = create_meter(EnergyConfig(), device_kind="cpu", device_indices=[1], powercap_root=root, owns_node=True)
+    assert [sample.device for sample in owner.samples()] == ["rapl:package-0"]

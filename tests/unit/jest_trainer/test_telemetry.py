@@ -100,3 +100,13 @@ def test_an_xla_device_is_metered_as_a_tpu_only_under_pjrt_tpu() -> None:
     assert energy_device_kind(xla, {"PJRT_DEVICE": "CPU"}) == "cpu"
     cuda = DistContext(world_size=1, rank=0, local_rank=0, backend=None, device=torch.device("cuda", 0))
     assert energy_device_kind(cuda, {"PJRT_DEVICE": "CPU"}) == "cuda"
+
+
+def test_one_rank_per_node_meters_the_nodes_counters() -> None:
+    """RAPL counts a whole node: of the ranks on one node (pods sharing it, or jestctl's local workers), only
+    the job's lowest rank there meters it."""
+    from jest_trainer.telemetry import node_name, owns_node_energy
+
+    nodes = ["node-a", "node-a", "node-b", "node-a", "node-b"]
+    assert [owns_node_energy(rank, nodes) for rank in range(5)] == [True, False, True, False, False]
+    assert node_name({"JEST_NODE_NAME": "node-a"}) == "node-a" and node_name({})  # else this host's name
