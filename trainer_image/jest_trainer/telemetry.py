@@ -200,6 +200,35 @@ class _LoopCollector(Collector):
         yield boards
 
 
+def report_stopped_before_training(env: Mapping[str, str], ctx: DistContext, *, total_steps: int,
+                                   checkpoint_dir: Path) -> None:
+    """Say "stopped at step 0 of ``total_steps``" where a clean exit is judged, when a stop came before step 0.
+
+    A SIGTERM during reference training ends the run with exit 0 before :class:`Telemetry` exists. Without a
+    report, the gang's judge (``jest_operator.status.judge_gang``) could only read the exit code and would
+    call the run Succeeded; with step 0 it sees an early stop (Suspended when one was requested, else a
+    restart from the checkpoint). Rank 0 writes the progress file (``jestctl run``), local rank 0 the
+    termination message (the operator); a path that cannot be written is logged, never fatal.
+    """
+    if ctx.is_main:
+        status_file = Path(env.get("JEST_STATUS_FILE") or checkpoint_dir / "progress.json")
+        with contextlib.suppress(OSError):
+            status_file.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            ckpt.atomic_write_json(status_file, {
+                "phase": "Running", "step": 0, "totalSteps": total_steps, "worldSize": ctx.world_size,
+                "attempt": int(env.get("JEST_ATTEMPT") or 0), "updatedAt": now_iso(),
+            })
+        except OSError as error:
+            log.warning("cannot write the progress file %s: %s", status_file, error)
+    path = env.get(TERMINATION_MESSAGE_PATH_ENV, "")
+    if path and ctx.local_rank == 0:
+        try:
+            Path(path).write_text("jest_train_steps_total 0.0\n")
+        except OSError as error:
+            log.warning("cannot write the termination message to %s: %s", path, error)
+
+
 def energy_device_kind(ctx: DistContext, env: Mapping[str, str]) -> str:
     """The hardware an energy meter should look for: torch's device type, except that an XLA device is a TPU
     only under ``PJRT_DEVICE=TPU``; torch_xla on CPU (``PJRT_DEVICE=CPU``, the CI path) computes on the CPU."""

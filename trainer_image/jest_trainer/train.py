@@ -38,7 +38,7 @@ from jest_trainer.exit_codes import EXIT_DETERMINISTIC, EXIT_INVALID_CONFIG, exi
 from jest_trainer.loop import Prepared, prepare, run
 from jest_trainer.reference import ReferenceTrainingInterruptedError
 from jest_trainer.schedule import lr_at, selection_generator, shard_indices, super_batch_positions
-from jest_trainer.telemetry import PHASES, StopFlag, signal_handlers
+from jest_trainer.telemetry import PHASES, StopFlag, report_stopped_before_training, signal_handlers
 
 log = logging.getLogger("jest_trainer.train")
 
@@ -105,6 +105,8 @@ def train(
             return run(config, env=env, ctx=ctx, prepared=prepared, stop=flag)
         except ReferenceTrainingInterruptedError as interrupted:
             log.warning("stop requested while training the reference (%s): exiting before step 0", interrupted)
+            report_stopped_before_training(env, ctx, total_steps=config.training.steps,
+                                           checkpoint_dir=Path(config.training.checkpoint.dir))
             return {"completed_steps": 0, "total_steps": config.training.steps, "stopped": True,
                     "resumed_from_step": None, "final_accuracy": None, "checkpoint": None}
         finally:

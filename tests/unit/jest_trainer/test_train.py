@@ -393,3 +393,21 @@ def test_benchmark_rejects_unknown_methods(tmp_path: Path) -> None:
     from jest_trainer.benchmark import main
 
     assert main(["selection", "--methods", "jest,magic", "--out", str(tmp_path / "x.json")]) == 2
+
+
+def test_a_stop_during_reference_training_reports_step_0_so_the_gang_sees_an_early_stop(tmp_path: Path) -> None:
+    """Exit 0 before step 0 must not read as a finished run: the progress file (jestctl) and the termination
+    message (operator) both say step 0 of the total, which the gang's judge takes for an early stop."""
+    from jest_operator.local import trainer_progress
+    from jest_operator.progress import combine_ranks, parse_metrics
+    from jest_operator.status import stopped_early
+
+    message = tmp_path / "termination-log"
+    env = {**PLAIN, "JEST_TERMINATION_MESSAGE_PATH": str(message), "JEST_ATTEMPT": "1"}
+    summary = train_mod.train(_config(tmp_path / "run"), env=env, ctx=SINGLE, install_signal_handlers=False,
+                              stop_flag=lambda: True)  # the reference trains first: the stop lands there
+    assert summary["stopped"] and summary["completed_steps"] == 0
+    progress = json.loads((tmp_path / "run" / "progress.json").read_text())
+    assert (progress["step"], progress["totalSteps"], progress["attempt"]) == (0, 6, 1)
+    assert stopped_early(trainer_progress(progress), 6)
+    assert stopped_early(combine_ranks({0: parse_metrics(message.read_text())}, total_steps=6), 6)
