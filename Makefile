@@ -26,7 +26,7 @@ demo: $(STAMP)
 test: $(STAMP) prometheus emoji-font controlplane xla-venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports --no-cache
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=25
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow"
