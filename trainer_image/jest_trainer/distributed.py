@@ -90,13 +90,18 @@ def distributed_env(env: Mapping[str, str]) -> tuple[int, int, int]:
     return world, rank, local_rank
 
 
+def pjrt_device(env: Mapping[str, str]) -> str:
+    """``PJRT_DEVICE`` upper-cased (``""`` when unset): which device torch_xla is asked to run on."""
+    return env.get("PJRT_DEVICE", "").upper()
+
+
 def xla_requested(env: Mapping[str, str]) -> bool:
     """Whether the environment asks for torch_xla: ``PJRT_DEVICE=TPU``, or ``PJRT_DEVICE=CPU`` with torch_xla installed.
 
     ``PJRT_DEVICE=TPU`` without torch_xla is a clear error; ``PJRT_DEVICE=CPU`` without it is a plain CPU run
     (the variable means nothing to torch itself).
     """
-    pjrt = env.get("PJRT_DEVICE", "").upper()
+    pjrt = pjrt_device(env)
     if pjrt == "TPU":
         if importlib.util.find_spec("torch_xla") is None:
             raise RuntimeError(
@@ -120,7 +125,7 @@ def init_distributed(env: Mapping[str, str] | None = None, *, timeout_seconds: f
         import torch_xla
 
         device = torch_xla.device()
-        backend = "xla" if env.get("PJRT_DEVICE", "").upper() == "TPU" else "gloo"
+        backend = "xla" if pjrt_device(env) == "TPU" else "gloo"
     elif torch.cuda.is_available():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         device = torch.device("cuda", torch.cuda.current_device())

@@ -41,7 +41,15 @@ from jest_trainer.distributed import (
 from jest_trainer.energy import METHODS as ENERGY_METHODS
 from jest_trainer.metrics import JobTotals
 from jest_trainer.schedule import init_seed, lr_at, selection_generator
-from jest_trainer.telemetry import PhaseTimer, StopFlag, Telemetry, nan_to_none, now_iso, unix_time
+from jest_trainer.telemetry import (
+    PhaseTimer,
+    StopFlag,
+    Telemetry,
+    nan_to_none,
+    now_iso,
+    progress_file_path,
+    unix_time,
+)
 
 log = logging.getLogger("jest_trainer.train")
 
@@ -569,7 +577,7 @@ def run(
 
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    status_file = Path(env.get("JEST_STATUS_FILE") or checkpoint_dir / "progress.json")
+    status_file = progress_file_path(env, checkpoint_dir)
     telemetry = Telemetry(config, env, ctx, status_file=status_file, total_steps=cfg.steps,
                           restored_joules=state.restored_joules)
     if state.restored_metrics:

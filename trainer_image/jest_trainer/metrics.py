@@ -13,7 +13,8 @@ histogram starts afresh (``rate``/``histogram_quantile`` cope with a reset). Ene
 
 Energy series: ``jest_accelerator_energy_joules_total`` / ``jest_accelerator_power_watts`` per device
 (since sampler start, labels ``device``, ``source``, ``method`` and ``scope``: ``device``, or ``node`` for
-RAPL, which counts the whole node's CPU packages), ``jest_energy_backend_info``,
+RAPL, which counts the whole node's CPU packages), ``jest_accelerator_info{device, uuid, source}`` (1 per
+metered board whose NVML UUID is known: join it on ``device`` to name the physical GPU), ``jest_energy_backend_info``,
 ``jest_energy_consumed_joules_total`` (this rank's energy *including* what was restored from a checkpoint,
 which is what the budget alert compares against ``jest_energy_budget_joules``),
 ``jest_energy_sampling_seconds_total`` (the meter's own cost) and ``jest_energy_sampler_errors_total``.
@@ -153,12 +154,19 @@ class _EnergyCollector(Collector):
         power = GaugeMetricFamily(
             "jest_accelerator_power_watts", "Latest power of one physical device.", labels=device_labels, unit="watts"
         )
+        boards = GaugeMetricFamily(
+            "jest_accelerator_info", "The physical board behind a metered device: its NVML UUID (value 1).",
+            labels=["trainingjob", "rank", "device", "uuid", "source"],
+        )
         for sample in self._meter.samples():
             labels = [*base, sample.device, sample.source, sample.method, sample.scope]
             energy.add_metric(labels, sample.joules)
             power.add_metric(labels, sample.watts)
+            if sample.uuid:
+                boards.add_metric([*base, sample.device, sample.uuid, sample.source], 1.0)
         yield energy
         yield power
+        yield boards
 
         info = GaugeMetricFamily(
             "jest_energy_backend_info",

@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from jest_trainer import checkpoint as ckpt
-from jest_trainer.distributed import DistContext, sync
+from jest_trainer.distributed import DistContext, all_gather_object, env_int, pjrt_device, sync
 
 log = logging.getLogger("jest_trainer.train")
 
@@ -33,9 +33,7 @@ PHASES: tuple[str, ...] = ("data", "selection", "forward_backward", "optimizer",
 STEP_TIME_SMOOTHING = 0.1
 #: Environment variable naming the pod's ``terminationMessagePath`` (unset: no termination message).
 TERMINATION_MESSAGE_PATH_ENV = "JEST_TERMINATION_MESSAGE_PATH"
-LOOP_METRIC_NAMES: tuple[str, ...] = (
-    "jest_eval_retrieval_recall", "jest_data_samples_skipped_total", "jest_accelerator_info",
-)
+LOOP_METRIC_NAMES: tuple[str, ...] = ("jest_eval_retrieval_recall", "jest_data_samples_skipped_total")
 
 
 def now_iso() -> str:
@@ -162,15 +160,12 @@ def progress_mode(env: Mapping[str, str]) -> str:
 
 
 class _LoopCollector(Collector):
-    """Series the loop adds to the rank's registry, read at scrape: retrieval recall, skipped samples, and
-    ``jest_accelerator_info{device, uuid, source}`` (1 per metered board whose UUID is known: join it on
-    ``device`` to name the physical GPU behind ``jest_accelerator_energy_joules_total``)."""
+    """Series the loop adds to the rank's registry: retrieval recall and skipped samples (read at scrape)."""
 
     def __init__(self, trainingjob: str, rank: int) -> None:
         self._base = [trainingjob, str(rank)]
         self.recall: dict[tuple[str, int], float] = {}
         self.skipped: Callable[[], Mapping[str, int]] = dict
-        self.energy_samples: Callable[[], Iterable[Any]] = list
 
     def describe(self) -> list[Metric]:
         return []
@@ -190,14 +185,6 @@ class _LoopCollector(Collector):
         for reason, count in sorted(self.skipped().items()):
             skipped.add_metric([*self._base, reason], float(count))
         yield skipped
-        boards = GaugeMetricFamily(
-            "jest_accelerator_info", "The physical board behind a metered device: its NVML UUID (value 1).",
-            labels=["trainingjob", "rank", "device", "uuid", "source"],
-        )
-        for sample in self.energy_samples():
-            if sample.uuid:
-                boards.add_metric([*self._base, sample.device, sample.uuid, sample.source], 1.0)
-        yield boards
 
 
 def report_stopped_before_training(env: Mapping[str, str], ctx: DistContext, *, total_steps: int,
@@ -211,28 +198,41 @@ def report_stopped_before_training(env: Mapping[str, str], ctx: DistContext, *, 
     termination message (the operator); a path that cannot be written is logged, never fatal.
     """
     if ctx.is_main:
-        status_file = Path(env.get("JEST_STATUS_FILE") or checkpoint_dir / "progress.json")
+        status_file = progress_file_path(env, checkpoint_dir)
         with contextlib.suppress(OSError):
             status_file.parent.mkdir(parents=True, exist_ok=True)
         try:
             ckpt.atomic_write_json(status_file, {
                 "phase": "Running", "step": 0, "totalSteps": total_steps, "worldSize": ctx.world_size,
-                "attempt": int(env.get("JEST_ATTEMPT") or 0), "updatedAt": now_iso(),
+                "attempt": env_int(env, "JEST_ATTEMPT", 0), "updatedAt": now_iso(),
             })
         except OSError as error:
             log.warning("cannot write the progress file %s: %s", status_file, error)
-    path = env.get(TERMINATION_MESSAGE_PATH_ENV, "")
-    if path and ctx.local_rank == 0:
-        try:
-            Path(path).write_text("jest_train_steps_total 0.0\n")
-        except OSError as error:
-            log.warning("cannot write the termination message to %s: %s", path, error)
+    if ctx.local_rank == 0:
+        write_termination_message(env.get(TERMINATION_MESSAGE_PATH_ENV, ""), "jest_train_steps_total 0.0\n")
+
+
+def progress_file_path(env: Mapping[str, str], checkpoint_dir: Path) -> Path:
+    """Where rank 0 writes its progress file: ``JEST_STATUS_FILE`` (``jestctl run`` sets it), else beside
+    the checkpoints."""
+    return Path(env.get("JEST_STATUS_FILE") or checkpoint_dir / "progress.json")
+
+
+def write_termination_message(path: str, text: str) -> None:
+    """Write ``text`` to the container's termination-message file ``path`` (nothing when unset); a path that
+    cannot be written is logged, never fatal."""
+    if not path:
+        return
+    try:
+        Path(path).write_text(text)
+    except OSError as error:
+        log.warning("cannot write the termination message to %s: %s", path, error)
 
 
 def energy_device_kind(ctx: DistContext, env: Mapping[str, str]) -> str:
     """The hardware an energy meter should look for: torch's device type, except that an XLA device is a TPU
     only under ``PJRT_DEVICE=TPU``; torch_xla on CPU (``PJRT_DEVICE=CPU``, the CI path) computes on the CPU."""
-    if ctx.device.type == "xla" and env.get("PJRT_DEVICE", "").upper() != "TPU":
+    if ctx.device.type == "xla" and pjrt_device(env) != "TPU":
         return "cpu"
     return ctx.device.type
 
@@ -260,7 +260,8 @@ def metered_devices(ctx: DistContext, cuda_device_count: Callable[[], int] | Non
     CUDA: the index of the device torch uses (``cuda:<i>``; the meter maps it to its NVML board through
     ``CUDA_VISIBLE_DEVICES``), unless more local ranks than devices share the boards (``local_rank %
     device_count``): then only local ranks below the device count meter one, so no board is counted twice.
-    Other devices: the local rank (RAPL is metered by local rank 0 alone; modelled devices one per rank).
+    Other devices: the local rank (modelled devices one per rank; RAPL, node-wide, goes by
+    :func:`owns_node_energy` instead).
     """
     if ctx.device.type != "cuda":
         return [ctx.local_rank]
@@ -285,7 +286,6 @@ class Telemetry:
         self, config: Any, env: Mapping[str, str], ctx: DistContext, *, status_file: Path, total_steps: int,
         restored_joules: float,
     ) -> None:
-        from jest_trainer.distributed import env_int
         from jest_trainer.energy import create_meter
         from jest_trainer.metrics import TrainerMetrics
 
@@ -296,8 +296,6 @@ class Telemetry:
         self.metrics_port = env_int(env, "JEST_METRICS_PORT", 0)
         self.attempt = env_int(env, "JEST_ATTEMPT", 0)
         self.termination_message_path = env.get(TERMINATION_MESSAGE_PATH_ENV, "")
-        from jest_trainer.distributed import all_gather_object
-
         # a collective: every rank builds its telemetry at the same point of the run
         node_names = [str(name) for name in all_gather_object(node_name(env), ctx)]
         self.meter = create_meter(
@@ -307,7 +305,6 @@ class Telemetry:
         self.metrics = TrainerMetrics(trainingjob=env.get("JEST_JOB_NAME", "local"), rank=ctx.rank)
         self.metrics.attach_energy(self.meter)
         self.loop_series = _LoopCollector(self.metrics.trainingjob, ctx.rank)
-        self.loop_series.energy_samples = self.meter.samples
         self.metrics.registry.register(self.loop_series)
         self.reporter: Reporter | None = None
         self.smoothed_step = 0.0
@@ -372,12 +369,8 @@ class Telemetry:
         clean exit: a failing rank leaves the message to ``FallbackToLogsOnError`` (its log tail, the error
         the job's status shows). A path that cannot be written is logged, never fatal.
         """
-        if not self.termination_message_path or self.ctx.local_rank != 0:
-            return
-        try:
-            Path(self.termination_message_path).write_text(self.metrics.final_summary())
-        except OSError as error:
-            log.warning("cannot write the termination message to %s: %s", self.termination_message_path, error)
+        if self.termination_message_path and self.ctx.local_rank == 0:
+            write_termination_message(self.termination_message_path, self.metrics.final_summary())
 
     def elapsed(self) -> float:
         """Seconds since ``start`` (at least 1 ns)."""
